@@ -1,0 +1,137 @@
+"""The wire format (docs/abi.md sections 1-2): request envelopes, replies and chunks as msgpack maps.
+
+``decode_request`` is the kernel's first step on every frame: it either returns an ``Envelope`` whose ``args``
+are still raw bytes (decoded later against the syscall's own schema) or raises ``SyscallError`` carrying the
+request id when it could be read.  Encoding helpers build the three answer shapes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import msgspec
+
+from syscalls.errors import SyscallError
+
+ABI_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+DEFAULT_MAX_FRAME = 1 << 20
+SOCKET_NAME = "kernel.sock"
+
+_EMPTY_MAP = msgspec.Raw(b"\x80")
+
+
+class Envelope(msgspec.Struct, forbid_unknown_fields=True):
+    """A request (docs/abi.md 2.1).  ``args`` stays raw until the syscall's schema decodes it."""
+
+    v: int
+    id: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+    call: str
+    args: msgspec.Raw = _EMPTY_MAP
+
+
+class RequestError(SyscallError):
+    """A frame the kernel cannot serve; ``rid`` is the request id when it could be read, else ``None``."""
+
+    def __init__(self, code: str, message: str, rid: int | None):
+        super().__init__(message, code)
+        self.rid = rid
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_any_decoder = msgspec.msgpack.Decoder()
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+
+def _salvage_id(frame: bytes) -> tuple[int | None, Any]:
+    """Best effort on an invalid envelope: the request id if it is readable, and the decoded object."""
+    try:
+        obj = _any_decoder.decode(frame)
+    except msgspec.DecodeError:
+        return None, None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 1 << 63:
+        rid = None
+    return rid, obj
+
+
+def decode_request(frame: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> Envelope:
+    """Decode one request frame.  Raises ``RequestError`` with E2BIG, EBADMSG or EPROTO (docs/abi.md 3)."""
+    if len(frame) > max_frame:
+        rid, _ = _salvage_id(frame)
+        raise RequestError("E2BIG", f"frame is {len(frame)} bytes; the limit is {max_frame}", rid)
+    try:
+        env = _envelope_decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        rid, obj = _salvage_id(frame)
+        if isinstance(obj, dict) and "v" in obj and obj["v"] not in SUPPORTED_VERSIONS:
+            raise RequestError("EPROTO", _version_message(obj["v"]), rid) from None
+        raise RequestError("EPROTO", f"invalid request envelope: {_where(exc, '$', 'request')}", rid) from None
+    except msgspec.DecodeError as exc:
+        raise RequestError("EBADMSG", f"frame is not valid msgpack: {exc}", None) from None
+    if env.v not in SUPPORTED_VERSIONS:
+        raise RequestError("EPROTO", _version_message(env.v), env.id)
+    return env
+
+
+def _version_message(v: Any) -> str:
+    return f"ABI version {v!r} is not spoken here; this kernel speaks {list(SUPPORTED_VERSIONS)}"
+
+
+def _where(exc: Exception, root: str, name: str) -> str:
+    """msgspec says ``- at `$.x```; say ``- at `args.x``` so the user knows where to look."""
+    return str(exc).replace(f"`{root}", f"`{name}")
+
+
+def decode_args(schema_decoder: msgspec.msgpack.Decoder, raw: msgspec.Raw) -> Any:
+    """Decode a syscall's raw ``args`` with its schema; raises ``SyscallError`` EINVAL naming the field."""
+    try:
+        return schema_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        if "- at `" not in msg:
+            msg += " - at `args`"
+        raise SyscallError(_where(Exception(msg), "$", "args"), "EINVAL") from None
+
+
+def reply_ok(rid: int, result: Any) -> bytes:
+    return encode({"v": ABI_VERSION, "id": rid, "ok": True, "result": result})
+
+
+def reply_error(rid: int | None, code: str, message: str) -> bytes:
+    return encode({"v": ABI_VERSION, "id": rid, "ok": False, "error": {"code": code, "message": message}})
+
+
+def chunk(rid: int, seq: int, data: Any) -> bytes:
+    return encode({"v": ABI_VERSION, "id": rid, "seq": seq, "chunk": data})
+
+
+def request(rid: int, call: str, args: dict | None = None) -> bytes:
+    """Encode a request (the SDK's side)."""
+    msg = {"v": ABI_VERSION, "id": rid, "call": call}
+    if args:
+        msg["args"] = args
+    return encode(msg)
+
+
+decode_any = _any_decoder.decode
+
+
+def default_runtime_dir() -> str:
+    """The runtime directory both ``aiosd`` and ``aiosctl`` use unless told otherwise.
+
+    ``$AIOSD_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/aiosd``, else ``/tmp/aiosd-<uid>``.
+    """
+    env = os.environ.get("AIOSD_RUNTIME_DIR")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "aiosd")
+    return f"/tmp/aiosd-{os.getuid()}"
+
+
+def endpoint(runtime_dir: str) -> str:
+    """The kernel's ZeroMQ endpoint inside ``runtime_dir``."""
+    return "ipc://" + os.path.join(os.path.abspath(runtime_dir), SOCKET_NAME)

@@ -1,0 +1,66 @@
+"""Argument schemas, one ``msgspec.Struct`` per syscall (docs/abi.md section 4).
+
+Unknown fields are rejected, types are strict and ranges are checked by the decoder, so a handler only ever
+sees well-formed arguments.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+
+class Args(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Base of every argument schema."""
+
+
+class NoArgs(Args):
+    pass
+
+
+ProcIdT = Annotated[int, Meta(ge=1)]
+
+
+class ProcId(Args):
+    id: ProcIdT
+
+
+class Spawn(Args):
+    source: Annotated[str, Meta(max_length=1 << 20)]
+    filename: Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.-]+$")] = "agent.py"
+    name: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    group: Annotated[str, Meta(min_length=1, max_length=64)] = "default"
+    argv: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=256)] = []
+
+
+class Logs(Args):
+    id: ProcIdT
+    follow: bool = False
+    stream: bool = False
+
+
+StopT = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=8)]
+
+
+class _Sampling(Args, kw_only=True):
+    max_tokens: Annotated[int, Meta(ge=1, le=4096)] = 128
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    top_k: Annotated[int, Meta(ge=0)] = 40
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.95
+    seed: Annotated[int, Meta(ge=0, lt=1 << 32)] | None = None
+    stop: StopT = []
+    stream: bool = False
+
+
+class Generate(_Sampling, kw_only=True):
+    prompt: str
+
+
+class Message(Args):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Chat(_Sampling, kw_only=True):
+    messages: Annotated[list[Message], Meta(min_length=1, max_length=256)]
