@@ -26,12 +26,31 @@ class ProcId(Args):
     id: ProcIdT
 
 
+class Limits(Args, omit_defaults=True):
+    """Per-process resource limits (docs/abi.md 4, proc.spawn); None = the group's default (or unlimited)."""
+
+    memory_mb: Annotated[int, Meta(ge=16)] | None = None        # RSS of the process tree (+ RLIMIT_AS)
+    cpu_seconds: Annotated[int, Meta(ge=1)] | None = None       # CPU time of the process tree
+    wall_seconds: Annotated[int, Meta(ge=1)] | None = None      # lifetime
+    procs: Annotated[int, Meta(ge=1, le=4096)] | None = None    # processes + threads
+    open_files: Annotated[int, Meta(ge=16, le=65536)] | None = None
+    disk_mb: Annotated[int, Meta(ge=1)] | None = None           # bytes written in scratch
+    llm_tokens: Annotated[int, Meta(ge=1)] | None = None        # prompt + completion tokens (EDQUOT beyond)
+    syscall_rate: Annotated[int, Meta(ge=1)] | None = None      # syscalls per second (EAGAIN beyond)
+
+
 class Spawn(Args):
     source: Annotated[str, Meta(max_length=1 << 20)]
     filename: Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.-]+$")] = "agent.py"
     name: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
     group: Annotated[str, Meta(min_length=1, max_length=64)] = "default"
     argv: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=256)] = []
+    limits: Limits | None = None
+
+
+class Ready(Args):
+    layers: Annotated[dict[Annotated[str, Meta(max_length=32)], Annotated[str, Meta(max_length=512)]],
+                      Meta(max_length=32)]
 
 
 class Logs(Args):

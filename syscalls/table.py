@@ -36,12 +36,14 @@ class Syscall:
 
 
 def _target(k, call, pid: int):
-    """The process ``pid`` if the caller may act on it (admin, or itself); ENOENT / EPERM otherwise."""
-    proc = k.procs.get(pid)
+    """The process ``pid`` if the caller may act on it (admin, or itself); EPERM / ENOENT otherwise.
+
+    Permission is checked first, so a non-admin cannot probe which ids exist.
+    """
     caller = call.caller
     if ADMIN not in caller.privileges and (caller.proc is None or caller.proc.id != pid):
         raise EPERM(f"process {pid} is not yours; only the admin group may act on other processes")
-    return proc
+    return k.procs.get(pid)
 
 
 def sys_ping(k, call, args: S.NoArgs):
@@ -55,6 +57,11 @@ def sys_shutdown(k, call, args: S.NoArgs):
 
 def proc_self(k, call, args: S.NoArgs):
     return call.caller.record()
+
+
+def proc_ready(k, call, args: S.Ready):
+    k.attest(call.caller, dict(args.layers))
+    return {"ok": True}
 
 
 def proc_list(k, call, args: S.NoArgs):
@@ -101,6 +108,7 @@ TABLE: dict[str, Syscall] = {
         Syscall("sys.ping", sys_ping, S.NoArgs, BASIC),
         Syscall("sys.shutdown", sys_shutdown, S.NoArgs, ADMIN),
         Syscall("proc.self", proc_self, S.NoArgs, BASIC),
+        Syscall("proc.ready", proc_ready, S.Ready, BASIC),
         Syscall("proc.list", proc_list, S.NoArgs, PROC),
         Syscall("proc.kill", proc_kill, S.ProcId, PROC),
         Syscall("proc.spawn", proc_spawn, S.Spawn, ADMIN),

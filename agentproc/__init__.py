@@ -1,0 +1,9 @@
+"""The agent SDK: what an agent program imports to make syscalls.
+
+    from agentproc import llm, proc, ping
+    print(llm.generate("The capital of France is", max_tokens=8).text)
+
+ABI errors are raised as exceptions named after their codes (``agentproc.errors``).
+"""
+from agentproc import errors, llm, proc  # noqa: F401
+from agentproc.client import Client, connect, default, ping  # noqa: F401

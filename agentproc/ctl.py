@@ -1,0 +1,168 @@
+"""``aiosctl``: control a running kernel (run, ps, kill, logs, status, shutdown).
+
+Exit status: 0 success; 1 the kernel refused (the ABI error is printed); 2 usage; 3 no kernel is running at
+the runtime dir.  ``run --wait`` exits with the agent's own status (128 + signal when it was killed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from agentproc.client import Client
+from syscalls import codec
+from syscalls.errors import ETIMEDOUT, SyscallError
+
+NO_KERNEL = 3
+
+
+class NoKernel(Exception):
+    pass
+
+
+def _client(runtime_dir: str, timeout: float) -> Client:
+    sock = os.path.join(runtime_dir, codec.SOCKET_NAME)
+    if not os.path.exists(sock):
+        raise NoKernel(f"no kernel is running at {runtime_dir} (no {codec.SOCKET_NAME}); "
+                       f"start one with `aiosd --runtime-dir {runtime_dir}`")
+    client = Client(codec.endpoint(runtime_dir), timeout=timeout)
+    try:
+        client.call("sys.ping")
+    except ETIMEDOUT:
+        client.close()
+        raise NoKernel(f"the kernel at {runtime_dir} does not answer; is it stopped? "
+                       f"(remove {sock} if it is stale)") from None
+    return client
+
+
+def _age(record: dict) -> str:
+    end = record.get("ended_at") or time.time()
+    s = int(end - record["started_at"])
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def cmd_ps(c: Client, a) -> int:
+    procs = c.call("proc.list")["procs"]
+    if a.json:
+        print(json.dumps(procs, indent=2))
+        return 0
+    rows = [("ID", "NAME", "GROUP", "PID", "STATE", "TIME", "TOKENS", "STATUS")]
+    for p in procs:
+        status = "" if p["exit_status"] is None else str(p["exit_status"])
+        if p["reason"]:
+            status = f"{status} ({p['reason']})".strip()
+        rows.append((str(p["id"]), p["name"], p["group"], str(p["pid"]), p["state"], _age(p),
+                     str(p["usage"]["llm_tokens"]), status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def _exit_status(record: dict) -> int:
+    st = record.get("exit_status")
+    if st is None:
+        return 1
+    return 128 - st if st < 0 else st
+
+
+def _follow(c: Client, pid: int, follow: bool) -> dict:
+    s = c.stream("proc.logs", {"id": pid, "follow": follow}, timeout=None)
+    for piece in s:
+        out = sys.stdout if piece["fd"] == 1 else sys.stderr
+        out.write(piece["data"])
+        out.flush()
+    return s.result
+
+
+def cmd_run(c: Client, a) -> int:
+    with open(a.file, encoding="utf-8") as f:
+        source = f.read()
+    args = {"source": source, "filename": os.path.basename(a.file), "group": a.group, "argv": a.args}
+    if a.name:
+        args["name"] = a.name
+    rec = c.call("proc.spawn", args)
+    if not a.wait:
+        print(rec["id"])
+        return 0
+    return _exit_status(_follow(c, rec["id"], follow=True))
+
+
+def cmd_kill(c: Client, a) -> int:
+    rec = c.call("proc.kill", {"id": a.id})
+    print(f"killed {rec['id']} ({rec['name']})")
+    return 0
+
+
+def cmd_logs(c: Client, a) -> int:
+    if a.follow:
+        _follow(c, a.id, follow=True)
+    else:
+        sys.stdout.write(c.call("proc.logs", {"id": a.id})["output"])
+    return 0
+
+
+def cmd_status(c: Client, a) -> int:
+    me = c.call("proc.self")
+    procs = c.call("proc.list")["procs"]
+    live = sum(p["state"] in ("STARTING", "RUNNING") for p in procs)
+    print(f"aiosd running at {a.runtime_dir}: {live} live agents, {len(procs)} in the table; "
+          f"you are {me['name']} ({me['group']})")
+    return 0
+
+
+def cmd_shutdown(c: Client, a) -> int:
+    c.call("sys.shutdown")
+    print("kernel shutting down")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="aiosctl", description="Control a running aiosd kernel.")
+    ap.add_argument("--runtime-dir", default=codec.default_runtime_dir(),
+                    help="the kernel's runtime dir (default: $AIOSD_RUNTIME_DIR, $XDG_RUNTIME_DIR/aiosd or /tmp/aiosd-UID)")
+    ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the kernel (default 10)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="start an agent program")
+    p.add_argument("file")
+    p.add_argument("--name")
+    p.add_argument("--group", default="default")
+    p.add_argument("--wait", action="store_true", help="stream its output and exit with its status")
+    p.add_argument("args", nargs="*", help="arguments for the program (after --)")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("ps", help="list processes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_ps)
+    p = sub.add_parser("kill", help="kill an agent")
+    p.add_argument("id", type=int)
+    p.set_defaults(fn=cmd_kill)
+    p = sub.add_parser("logs", help="an agent's captured output")
+    p.add_argument("id", type=int)
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(fn=cmd_logs)
+    sub.add_parser("status", help="is a kernel running? (exit 3 if not)").set_defaults(fn=cmd_status)
+    sub.add_parser("shutdown", help="stop the kernel and its agents").set_defaults(fn=cmd_shutdown)
+    a = ap.parse_args(argv)
+    try:
+        client = _client(a.runtime_dir, a.timeout)
+    except NoKernel as exc:
+        print(f"aiosctl: {exc}", file=sys.stderr)
+        return NO_KERNEL
+    try:
+        return a.fn(client, a)
+    except SyscallError as exc:
+        print(f"aiosctl: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"aiosctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Kernel configuration: defaults, the optional TOML file (``aiosd --config FILE``), privilege groups.
+
+Every key is documented in docs/config.md.  Unknown sections or keys are an error that names them, so a
+typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+
+from kernel.resources import LIMIT_KEYS
+from syscalls.codec import DEFAULT_MAX_FRAME
+from syscalls.table import ADMIN, BASIC, LLM, PRIVILEGES, PROC
+
+@dataclass(frozen=True)
+class Group:
+    """A privilege group: what its agents may call, their scheduling priority, their default limits."""
+    privileges: frozenset[str]
+    priority: int = 0
+    limits: dict = field(default_factory=dict)
+
+
+DEFAULT_GROUPS: dict[str, Group] = {
+    "admin": Group(frozenset({BASIC, PROC, LLM, ADMIN}), priority=10),
+    "trusted": Group(frozenset({BASIC, PROC, LLM}), priority=5,
+                     limits={"memory_mb": 2048, "procs": 256, "open_files": 1024}),
+    "default": Group(frozenset({BASIC, PROC, LLM}), priority=0,
+                     limits={"memory_mb": 512, "cpu_seconds": 600, "procs": 64, "open_files": 256,
+                             "disk_mb": 256, "syscall_rate": 2000}),
+    "untrusted": Group(frozenset({BASIC, LLM}), priority=-5,
+                       limits={"memory_mb": 256, "cpu_seconds": 120, "wall_seconds": 600, "procs": 16,
+                               "open_files": 64, "disk_mb": 32, "llm_tokens": 100_000, "syscall_rate": 500}),
+}
+
+
+class ConfigError(Exception):
+    """The config file is unreadable or wrong; the message names the file, section and key."""
+
+
+@dataclass
+class KernelSection:
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_procs: int = 64
+
+
+@dataclass
+class LLMSection:
+    model: str = ""          # empty: the embedded default model in the state dir
+    n_ctx_seq: int = 2048
+    n_seq_max: int = 16
+    n_batch: int = 512
+    threads: int = 0         # 0: os.cpu_count()
+
+
+@dataclass
+class Config:
+    kernel: KernelSection = field(default_factory=KernelSection)
+    llm: LLMSection = field(default_factory=LLMSection)
+    groups: dict[str, Group] = field(default_factory=lambda: dict(DEFAULT_GROUPS))
+
+
+def _fill(section, values: dict, where: str) -> None:
+    known = {f.name: f for f in fields(section)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
+        want = type(getattr(section, key))
+        if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
+            raise ConfigError(f"{where}.{key}: expected {want.__name__}, got {value!r}")
+        setattr(section, key, value)
+
+
+def _group(spec, where: str) -> Group:
+    """One ``[groups.NAME]`` table: privileges (required), priority, limits."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("privileges"), list):
+        raise ConfigError(f"{where} needs `privileges = [...]` (and may have `priority`, `limits`)")
+    extra = set(spec) - {"privileges", "priority", "limits"}
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)}; known: privileges, priority, limits")
+    privs = spec["privileges"]
+    bad = [p for p in privs if p not in PRIVILEGES]
+    if bad:
+        raise ConfigError(f"{where}: unknown privileges {bad}; known: {list(PRIVILEGES)}")
+    priority = spec.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ConfigError(f"{where}.priority: expected an integer")
+    limits = spec.get("limits", {})
+    if not isinstance(limits, dict):
+        raise ConfigError(f"{where}.limits: expected a table")
+    for key, value in limits.items():
+        if key not in LIMIT_KEYS:
+            raise ConfigError(f"{where}.limits: unknown limit {key!r}; known: {', '.join(LIMIT_KEYS)}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{where}.limits.{key}: expected a positive integer")
+    return Group(frozenset(privs), priority, dict(limits))
+
+
+def load(path: str | os.PathLike | None) -> Config:
+    """The configuration from ``path`` (TOML) over the defaults; the defaults alone when ``path`` is None."""
+    cfg = Config()
+    if path is None:
+        return cfg
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    for name, values in data.items():
+        if name in ("kernel", "llm") and isinstance(values, dict):
+            _fill(getattr(cfg, name), values, f"{path}: [{name}]")
+        elif name == "groups" and isinstance(values, dict):
+            for group, spec in values.items():
+                cfg.groups[group] = _group(spec, f"{path}: [groups.{group}]")
+        else:
+            raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [groups.NAME]")
+    if cfg.kernel.max_frame < 1024:
+        raise ConfigError(f"{path}: [kernel] max_frame must be at least 1024 bytes")
+    if cfg.llm.n_seq_max < 1 or cfg.llm.n_ctx_seq < 64:
+        raise ConfigError(f"{path}: [llm] needs n_seq_max >= 1 and n_ctx_seq >= 64")
+    return cfg

@@ -1,0 +1,323 @@
+"""The kernel process: one event loop that owns the sockets, the process table and the LLM engine.
+
+The main thread runs ``Kernel.serve()``: it polls the router socket, the engine's wake-up pipe, the signal
+wake-up socket and every agent's output pipes, and reacts.  The LLM engine runs in its own thread and talks
+back only through ``_on_engine_event`` (a deque plus a one-byte wake-up), so every socket is touched by the
+main thread alone.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from kernel.config import Config
+from kernel.engine import Engine, EngineError, SamplingParams
+from kernel.proc import Proc, ProcTable, State
+from kernel.router import Call, Router
+from kernel.resources import RateBucket, ResourceManager, check_tokens, effective_limits
+from sandbox import policy
+from sandbox.linux import become_subreaper
+from syscalls import codec
+from syscalls.errors import ENOENT, EPERM, error_for
+
+log = logging.getLogger("aiosd")
+
+SHUTDOWN_GRACE_S = 3.0
+
+
+class KernelError(Exception):
+    """The kernel cannot start; the message says what to do."""
+
+
+class Kernel:
+    def __init__(self, runtime_dir: str | os.PathLike, state_dir: str | os.PathLike, config: Config,
+                 model_path: str):
+        self.runtime_dir = Path(runtime_dir).absolute()
+        self.state_dir = Path(state_dir).absolute()
+        self.config = config
+        self.model_path = model_path
+        self.endpoint = codec.endpoint(str(self.runtime_dir))
+        self.pidfile = self.runtime_dir / "aiosd.pid"
+        self.procs = ProcTable(self.runtime_dir, self.endpoint, config.kernel.max_procs)
+        self.engine: Engine | None = None
+        self.router: Router | None = None
+        self._events: collections.deque = collections.deque()
+        self._followers: dict[int, list[Call]] = {}
+        self._pipe_owner: dict[int, Proc] = {}
+        self._stop_reason: str | None = None
+        self.resources = ResourceManager()
+        self._reservations: dict[int, tuple[Proc, int]] = {}
+
+    # --- start-up ------------------------------------------------------------------------------------
+    def _prepare_runtime_dir(self) -> None:
+        """Create the runtime dir 0700 (refusing one owned by someone else) and claim it with a pidfile."""
+        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.runtime_dir.stat()
+        if st.st_uid != os.getuid():
+            raise KernelError(f"{self.runtime_dir} belongs to uid {st.st_uid}; pick another --runtime-dir")
+        os.chmod(self.runtime_dir, 0o700)
+        try:
+            other = int(self.pidfile.read_text())
+        except (OSError, ValueError):
+            other = None
+        if other and other != os.getpid() and _pid_alive(other):
+            raise KernelError(f"a kernel (pid {other}) already serves {self.runtime_dir}; "
+                              f"stop it with `aiosctl --runtime-dir {self.runtime_dir} shutdown`")
+        for sub in ("scratch", "logs"):  # a previous kernel's agents are gone: so is their state
+            shutil.rmtree(self.runtime_dir / sub, ignore_errors=True)
+            (self.runtime_dir / sub).mkdir(mode=0o700)
+        sock_path = self.runtime_dir / codec.SOCKET_NAME
+        if sock_path.exists():
+            sock_path.unlink()
+
+    def start(self) -> None:
+        """Everything up to serving: runtime dir, model, socket, pidfile.  Raises KernelError."""
+        self._prepare_runtime_dir()
+        become_subreaper()
+        llm = self.config.llm
+        self.engine = Engine(self.model_path, self._on_engine_event, n_ctx_seq=llm.n_ctx_seq,
+                             n_seq_max=llm.n_seq_max, n_threads=llm.threads or None, n_batch=llm.n_batch)
+        try:
+            self.engine.start()
+        except EngineError as exc:
+            raise KernelError(f"cannot load the model {self.model_path}: {exc}") from None
+        self.ctx = zmq.Context()
+        self.router = Router(self, self.ctx, self.endpoint, self.config.kernel.max_frame)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sig_r, self._sig_w = socket.socketpair()
+        for s in (self._sig_r, self._sig_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda *_: self.request_shutdown("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda *_: self.request_shutdown("SIGINT"))
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # the wake-up fd does the work
+        self.poller = zmq.Poller()
+        self.poller.register(self.router.sock, zmq.POLLIN)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        self.poller.register(self._sig_r.fileno(), zmq.POLLIN)
+        self.pidfile.write_text(str(os.getpid()))
+        log.info("serving %s with model %s (pid %d)", self.endpoint, self.engine.model_name, os.getpid())
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Run until SIGTERM/SIGINT or sys.shutdown, then shut down in order."""
+        router_sock, wake_r, sig_r = self.router.sock, self._wake_r, self._sig_r.fileno()
+        poll = self.poller.poll
+        resources = self.resources
+        while self._stop_reason is None:
+            events = poll(int(resources.period * 1000))
+            if not events:
+                self._reap()  # belt and braces: a SIGCHLD can coalesce with another signal
+            if resources.due():
+                self._enforce_limits()
+            for what, _ in events:
+                if what is router_sock:
+                    self.router.serve_ready()
+                elif what == wake_r:
+                    self._drain_engine_events()
+                elif what == sig_r:
+                    self._drain_signals()
+                    self._reap()
+                else:
+                    self._read_output(what)
+        self.shutdown()
+
+    def request_shutdown(self, reason: str) -> None:
+        if self._stop_reason is None:
+            log.info("shutting down: %s", reason)
+            self._stop_reason = reason
+
+    def shutdown(self) -> None:
+        """Kill every agent, wait (bounded) to reap them, stop the engine, release the socket."""
+        for proc in self.procs.live():
+            self.procs.kill(proc, "kernel shutdown")
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        while self.procs.live() and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._reap()
+        if self.engine is not None:
+            self.engine.close()
+            self._drain_engine_events()
+        signal.set_wakeup_fd(-1)
+        self.router.close()
+        self.ctx.term()
+        for path in (self.runtime_dir / codec.SOCKET_NAME, self.pidfile):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        log.info("stopped")
+
+    def _drain_signals(self) -> None:
+        try:
+            while self._sig_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # --- processes -----------------------------------------------------------------------------------
+    def spawn(self, args, owner) -> Proc:
+        """proc.spawn: start an agent under its group's limits (overridden by ``args.limits``)."""
+        group = self.config.groups.get(args.group)
+        if group is None:
+            raise ENOENT(f"no privilege group {args.group!r}; configured: {sorted(self.config.groups)}")
+        name = args.name or Path(args.filename).stem
+        limits = effective_limits(group.limits, msgspec.structs.asdict(args.limits) if args.limits else None)
+        proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
+                                owner.describe(), limits, lambda scratch: policy.build(str(scratch), limits))
+        if limits["syscall_rate"]:
+            proc.rate_bucket = RateBucket(limits["syscall_rate"])
+        for fd in proc.pipes:
+            self._pipe_owner[fd] = proc
+            self.poller.register(fd, zmq.POLLIN)
+        log.info("spawned agent %d (%s) pid %d group %s", proc.id, name, proc.pid, args.group)
+        return proc
+
+    def attest(self, caller, layers: dict) -> None:
+        """proc.ready: the bootstrap reports the sandbox layers it applied, once, before the program runs."""
+        proc = caller.proc
+        if proc is None or proc.state is not State.STARTING:
+            raise EPERM("proc.ready is the bootstrap's first report and is accepted once, before the program runs")
+        proc.layers = layers
+        proc.state = State.RUNNING
+
+    def kill(self, proc: Proc, reason: str) -> None:
+        """proc.kill: SIGKILL the process group now; its LLM requests end with ECANCELED."""
+        self.procs.kill(proc, reason)
+        self.engine.cancel_owner(proc.id)
+
+    def _enforce_limits(self) -> None:
+        """Kill every agent over a limit (its whole group), recording why; others are untouched."""
+        for proc, reason in self.resources.sweep(self.procs.live()):
+            log.warning("agent %d (%s): %s", proc.id, proc.name, reason)
+            self.kill(proc, reason)
+
+    def _read_output(self, fd: int) -> None:
+        proc = self._pipe_owner.get(fd)
+        if proc is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if data:
+            self._publish(proc, proc.pipes[fd], data)
+        else:
+            self._close_pipe(proc, fd)
+
+    def _publish(self, proc: Proc, fd_no: int, data: bytes, final: bool = False) -> None:
+        text = proc.output.add(fd_no, data, final)
+        if text:
+            for call in self._followers.get(proc.id, ()):
+                call.chunk({"fd": fd_no, "data": text})
+
+    def _close_pipe(self, proc: Proc, fd: int) -> None:
+        fd_no = proc.pipes.pop(fd)
+        self._publish(proc, fd_no, b"", final=True)
+        self.poller.unregister(fd)
+        self._pipe_owner.pop(fd, None)
+        os.close(fd)
+
+    def _reap(self) -> None:
+        for proc in self.procs.reap():
+            for fd in list(proc.pipes):  # what it wrote before exiting is in the pipe already
+                while True:
+                    try:
+                        data = os.read(fd, 65536)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        break
+                    self._publish(proc, proc.pipes[fd], data)
+                self._close_pipe(proc, fd)
+            proc.output.close()
+            proc.popen.stdout = proc.popen.stderr = None  # closed above, by fd
+            shutil.rmtree(proc.scratch, ignore_errors=True)
+            self.engine.cancel_owner(proc.id)
+            self.router.forget(proc)
+            for call in self._followers.pop(proc.id, ()):
+                call.reply(proc.record())
+            log.info("agent %d (%s) ended: %s %s", proc.id, proc.name, proc.state.value,
+                     proc.reason or f"status {proc.exit_status}")
+
+    def follow_logs(self, proc: Proc, call: Call, follow: bool) -> None:
+        """proc.logs with stream: captured output as chunks, then (when following) new output until exit."""
+        for fd_no, text in list(proc.output.pieces):
+            call.chunk({"fd": fd_no, "data": text})
+        if follow and proc.alive:
+            self._followers.setdefault(proc.id, []).append(call)
+        else:
+            call.reply(proc.record())
+
+    # --- LLM -----------------------------------------------------------------------------------------
+    def llm_submit(self, call: Call, prompt: str, args) -> None:
+        """Queue a generation for ``call``; its chunks and reply come back through the engine's events.
+
+        The caller's token quota is checked and reserved here (EDQUOT), and max_tokens clamped to what is left.
+        """
+        proc = call.caller.proc
+        try:
+            tokens = self.engine.tokenize(prompt)
+            max_tokens = check_tokens(proc, len(tokens), args.max_tokens) if proc else args.max_tokens
+            params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, seed=args.seed, stop=list(args.stop))
+            request = self.engine.submit(tokens, params, owner=proc.id if proc else None, tag=call,
+                                         stream=args.stream)
+        except EngineError as exc:
+            raise error_for(exc.code, str(exc)) from None
+        if proc is not None:
+            reserved = len(tokens) + max_tokens
+            proc.reserved_tokens += reserved
+            self._reservations[request.id] = (proc, reserved)
+
+    def _on_engine_event(self, request, kind: str, payload) -> None:
+        """Engine thread: hand the event to the main thread."""
+        self._events.append((request, kind, payload))
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full, so the main thread is already due to wake
+            pass
+
+    def _drain_engine_events(self) -> None:
+        try:
+            while os.read(self._wake_r, 65536):
+                pass
+        except BlockingIOError:
+            pass
+        events = self._events
+        while events:
+            request, kind, payload = events.popleft()
+            call: Call = request.tag
+            if kind != "chunk" and request.id in self._reservations:
+                owner, reserved = self._reservations.pop(request.id)
+                owner.reserved_tokens -= reserved
+            if kind == "chunk":
+                call.chunk(payload)
+            elif kind == "done":
+                proc = call.caller.proc
+                if proc is not None:
+                    usage = payload["usage"]
+                    proc.prompt_tokens += usage["prompt_tokens"]
+                    proc.completion_tokens += usage["completion_tokens"]
+                call.reply(payload)
+            else:
+                call.fail(payload.code, str(payload))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

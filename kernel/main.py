@@ -1,0 +1,51 @@
+"""``aiosd``: run the kernel in the foreground (a systemd ``Type=simple`` service; see docs/operating.md)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kernel import config as config_mod
+from kernel.kernel import Kernel, KernelError
+from kernel.models import ensure_default_model
+from syscalls.codec import default_runtime_dir
+
+
+def default_state_dir() -> str:
+    """``$AIOSD_STATE_DIR``, else ``$XDG_STATE_HOME/aiosd``, else ``~/.local/state/aiosd``."""
+    env = os.environ.get("AIOSD_STATE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "aiosd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="aiosd", description="The aiosd kernel, in the foreground.")
+    ap.add_argument("--runtime-dir", default=None, help="socket, pidfile, agent scratch and logs "
+                    "(default: $AIOSD_RUNTIME_DIR, $XDG_RUNTIME_DIR/aiosd or /tmp/aiosd-UID)")
+    ap.add_argument("--state-dir", default=None, help="models and persistent state "
+                    "(default: $AIOSD_STATE_DIR, $XDG_STATE_HOME/aiosd or ~/.local/state/aiosd)")
+    ap.add_argument("--model", default=None, help="a .gguf model (default: the embedded Gemma 3 270M)")
+    ap.add_argument("--config", default=None, help="a TOML config file (docs/config.md)")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="aiosd: %(levelname)s %(message)s")
+    try:
+        cfg = config_mod.load(args.config)
+        state_dir = args.state_dir or default_state_dir()
+        model = args.model or cfg.llm.model or str(ensure_default_model(state_dir))
+        if not os.path.isfile(model):
+            raise KernelError(f"no model file at {model}; pass --model PATH or run `make install`")
+        kernel = Kernel(args.runtime_dir or default_runtime_dir(), state_dir, cfg, model)
+        kernel.start()
+    except (KernelError, config_mod.ConfigError, RuntimeError) as exc:
+        print(f"aiosd: {exc}", file=sys.stderr)
+        return 1
+    kernel.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""The process table: agent processes, their explicit state machine, and the verbs on them.
+
+States (docs/abi.md, process record)::
+
+    STARTING --first syscall--> RUNNING --exit--> EXITED
+        |                          |
+        +----------signal / kill---+-----------> KILLED (reason)
+
+``ProcTable`` allocates ids, maps pids to processes, and spawns, kills and reaps.  It knows nothing of
+sockets or the LLM; the kernel wires those in.
+"""
+from __future__ import annotations
+
+import codecs
+import enum
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from typing import Callable
+
+from sandbox.policy import ENV as POLICY_ENV
+from sandbox.policy import Policy
+from syscalls.errors import EAGAIN, ENOENT
+
+MAX_OUTPUT_KEPT = 4 << 20  # bytes of captured output kept in memory per process (the log file keeps all)
+
+
+class State(enum.Enum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    EXITED = "EXITED"
+    KILLED = "KILLED"
+
+
+class Output:
+    """Captured stdout (fd 1) and stderr (fd 2) of one process: pieces in memory, everything in a log file."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "w", encoding="utf-8")
+        self.pieces: list[tuple[int, str]] = []
+        self._kept = 0
+        self._decoders = {1: codecs.getincrementaldecoder("utf-8")("replace"),
+                          2: codecs.getincrementaldecoder("utf-8")("replace")}
+
+    def add(self, fd: int, data: bytes, final: bool = False) -> str:
+        """Record ``data`` read from ``fd``; return the text it completes (may be empty)."""
+        text = self._decoders[fd].decode(data, final)
+        if text:
+            self.pieces.append((fd, text))
+            self._kept += len(text)
+            while self._kept > MAX_OUTPUT_KEPT and len(self.pieces) > 1:
+                self._kept -= len(self.pieces.pop(0)[1])
+            self._log.write(text)
+            self._log.flush()
+        return text
+
+    def text(self) -> str:
+        return "".join(t for _, t in self.pieces)
+
+    def close(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+
+
+@dataclass(eq=False)
+class Proc:
+    """One agent process.  ``token`` is the ZeroMQ routing id the kernel gave it (a secret)."""
+
+    id: int
+    name: str
+    group: str
+    pid: int
+    token: bytes
+    owner: str
+    scratch: Path
+    output: Output
+    popen: subprocess.Popen | None = None
+    state: State = State.STARTING
+    started_at: float = field(default_factory=time.time)
+    first_syscall_at: float | None = None
+    ended_at: float | None = None
+    exit_status: int | None = None
+    reason: str | None = None
+    kill_reason: str | None = None
+    pipes: dict[int, int] = field(default_factory=dict)  # fd number in the kernel -> 1 or 2
+    syscalls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reserved_tokens: int = 0          # prompt + max_tokens of generations in flight (token quota)
+    limits: dict = field(default_factory=dict)
+    layers: dict | None = None        # sandbox layers as attested by the bootstrap (proc.ready)
+    rate_bucket: object = None        # kernel.resources.RateBucket when syscall_rate is limited
+    usage_sample: object = None       # the resource manager's latest kernel.resources.Usage
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (State.STARTING, State.RUNNING)
+
+    def record(self) -> dict:
+        """The process record of docs/abi.md section 4."""
+        return {
+            "id": self.id, "name": self.name, "group": self.group, "pid": self.pid,
+            "state": self.state.value, "started_at": self.started_at,
+            "first_syscall_at": self.first_syscall_at, "ended_at": self.ended_at,
+            "exit_status": self.exit_status, "reason": self.reason, "limits": self.limits,
+            "layers": self.layers or {},
+            "usage": {"syscalls": self.syscalls, "prompt_tokens": self.prompt_tokens,
+                      "completion_tokens": self.completion_tokens,
+                      "llm_tokens": self.prompt_tokens + self.completion_tokens},
+        }
+
+
+class ProcTable:
+    """All agent processes of this kernel, by id and by pid.  Ended processes stay listed (like zombies)
+    so their status can be read; the table holds ``max_procs`` live processes at most."""
+
+    def __init__(self, runtime_dir: Path, kernel_socket: str, max_procs: int):
+        self.runtime_dir = runtime_dir
+        self.kernel_socket = kernel_socket
+        self.max_procs = max_procs
+        self._by_id: dict[int, Proc] = {}
+        self._by_pid: dict[int, Proc] = {}
+        self._next_id = 1
+
+    # --- lookups -------------------------------------------------------------------------------------
+    def get(self, pid_: int) -> Proc:
+        """The process with id ``pid_``; ENOENT when there is none."""
+        proc = self._by_id.get(pid_)
+        if proc is None:
+            raise ENOENT(f"no process with id {pid_}; `aiosctl ps` lists them")
+        return proc
+
+    def by_pid(self, pid: int) -> Proc | None:
+        """The live process whose OS pid is ``pid``."""
+        return self._by_pid.get(pid)
+
+    def all(self) -> list[Proc]:
+        return list(self._by_id.values())
+
+    def live(self) -> list[Proc]:
+        return [p for p in self._by_id.values() if p.alive]
+
+    # --- verbs ---------------------------------------------------------------------------------------
+    def spawn(self, source: str, filename: str, name: str, group: str, argv: list[str], owner: str,
+              limits: dict, make_policy: Callable[[Path], Policy]) -> Proc:
+        """Start ``source`` as a new agent process (bootstrap first, then the program as ``__main__``).
+
+        The child gets a scrubbed environment, its own session and process group, a private 0700 scratch
+        directory as cwd, pipes for stdout and stderr (it inherits no other descriptor) and the sandbox policy
+        ``make_policy(scratch)``, which its bootstrap applies.  Raises EAGAIN when ``max_procs`` processes
+        are alive.
+        """
+        if len(self.live()) >= self.max_procs:
+            raise EAGAIN(f"the process table is full ({self.max_procs} live processes); wait or kill one")
+        pid_ = self._next_id
+        self._next_id += 1
+        scratch = self.runtime_dir / "scratch" / str(pid_)
+        scratch.mkdir(mode=0o700, parents=True)
+        program = scratch / filename
+        program.write_text(source, encoding="utf-8")
+        token = b"A" + secrets.token_bytes(15)  # user-set routing ids must not start with a zero byte
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "LANG": "C.UTF-8",
+            "AIOSD_SOCKET": self.kernel_socket, "AIOSD_TOKEN": token.hex(),
+            "AIOSD_KERNEL_PID": str(os.getpid()), "AIOSD_PROGRAM": str(program),
+            POLICY_ENV: make_policy(scratch).to_env(),
+        }
+        output = Output(self.runtime_dir / "logs" / f"{pid_}.log")
+        # -I: isolated mode (no PYTHON* variables, no user site, no cwd on sys.path); -u: unbuffered output
+        # so `aiosctl logs --follow` sees lines as they are printed.
+        cmd = [sys.executable, "-I", "-u", "-m", "agentproc.bootstrap", filename, *argv]
+        popen = subprocess.Popen(
+            cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
+        )
+        proc = Proc(id=pid_, name=name, group=group, pid=popen.pid, token=token, owner=owner,
+                    scratch=scratch, output=output, popen=popen, limits=limits)
+        for fd_no, pipe in ((1, popen.stdout), (2, popen.stderr)):
+            os.set_blocking(pipe.fileno(), False)
+            proc.pipes[pipe.fileno()] = fd_no
+        self._by_id[pid_] = proc
+        self._by_pid[proc.pid] = proc
+        return proc
+
+    def kill(self, proc: Proc, reason: str) -> None:
+        """SIGKILL the process's whole process group; the reason is recorded when it is reaped."""
+        if not proc.alive:
+            return
+        proc.kill_reason = proc.kill_reason or reason
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone; the leader may linger as a zombie
+            pass
+
+    def reap(self) -> list[Proc]:
+        """Collect every exited child without blocking; return the table's processes that ended.
+
+        Orphans the kernel adopted as subreaper are collected too and ignored.
+        """
+        ended = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            proc = self._by_pid.pop(pid, None)
+            if proc is not None:
+                self._finish(proc, status)
+                ended.append(proc)
+        return ended
+
+    def _finish(self, proc: Proc, status: int) -> None:
+        proc.ended_at = time.time()
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            proc.exit_status = -sig
+            proc.state = State.KILLED
+            proc.reason = proc.kill_reason or f"signal {signal.Signals(sig).name}"
+        else:
+            proc.exit_status = os.WEXITSTATUS(status)
+            proc.state = State.EXITED
+            proc.reason = proc.kill_reason  # e.g. killed while already exiting
+        if proc.popen is not None:
+            proc.popen.returncode = proc.exit_status  # we reaped it; keep subprocess from trying again

@@ -1,0 +1,8 @@
+"""seccomp syscall filter (placeholder until the layer is built)."""
+from __future__ import annotations
+
+from sandbox.policy import LayerUnavailable
+
+
+def install() -> str:
+    raise LayerUnavailable("not built yet")
