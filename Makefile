@@ -10,7 +10,7 @@ install:
 	@scripts/install.sh
 
 run: install
-	$(PY) -m examples.demo
+	$(PY) examples/demo.py
 
 test: install
 	$(PY) -m pytest -q
