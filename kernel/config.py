@@ -19,11 +19,12 @@ class Group:
     privileges: frozenset[str]
     priority: int = 0
     limits: dict = field(default_factory=dict)
+    allow_fork: bool = False  # may its agents create processes (seccomp)? Threads are always allowed.
 
 
 DEFAULT_GROUPS: dict[str, Group] = {
-    "admin": Group(frozenset({BASIC, PROC, LLM, ADMIN}), priority=10),
-    "trusted": Group(frozenset({BASIC, PROC, LLM}), priority=5,
+    "admin": Group(frozenset({BASIC, PROC, LLM, ADMIN}), priority=10, allow_fork=True),
+    "trusted": Group(frozenset({BASIC, PROC, LLM}), priority=5, allow_fork=True,
                      limits={"memory_mb": 2048, "procs": 256, "open_files": 1024}),
     "default": Group(frozenset({BASIC, PROC, LLM}), priority=0,
                      limits={"memory_mb": 512, "cpu_seconds": 600, "procs": 64, "open_files": 256,
@@ -75,9 +76,12 @@ def _group(spec, where: str) -> Group:
     """One ``[groups.NAME]`` table: privileges (required), priority, limits."""
     if not isinstance(spec, dict) or not isinstance(spec.get("privileges"), list):
         raise ConfigError(f"{where} needs `privileges = [...]` (and may have `priority`, `limits`)")
-    extra = set(spec) - {"privileges", "priority", "limits"}
+    extra = set(spec) - {"privileges", "priority", "limits", "allow_fork"}
     if extra:
-        raise ConfigError(f"{where}: unknown keys {sorted(extra)}; known: privileges, priority, limits")
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)}; known: privileges, priority, limits, allow_fork")
+    allow_fork = spec.get("allow_fork", False)
+    if not isinstance(allow_fork, bool):
+        raise ConfigError(f"{where}.allow_fork: expected true or false")
     privs = spec["privileges"]
     bad = [p for p in privs if p not in PRIVILEGES]
     if bad:
@@ -93,7 +97,7 @@ def _group(spec, where: str) -> Group:
             raise ConfigError(f"{where}.limits: unknown limit {key!r}; known: {', '.join(LIMIT_KEYS)}")
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{where}.limits.{key}: expected a positive integer")
-    return Group(frozenset(privs), priority, dict(limits))
+    return Group(frozenset(privs), priority, dict(limits), allow_fork)
 
 
 def load(path: str | os.PathLike | None) -> Config:

@@ -24,7 +24,7 @@ from kernel.engine import Engine, EngineError, SamplingParams
 from kernel.proc import Proc, ProcTable, State
 from kernel.router import Call, Router
 from kernel.resources import RateBucket, ResourceManager, check_tokens, effective_limits
-from sandbox import policy
+from sandbox.host import Host
 from sandbox.linux import become_subreaper
 from syscalls import codec
 from syscalls.errors import ENOENT, EPERM, error_for
@@ -55,6 +55,7 @@ class Kernel:
         self._pipe_owner: dict[int, Proc] = {}
         self._stop_reason: str | None = None
         self.resources = ResourceManager()
+        self.host = Host(self.runtime_dir, [str(self.state_dir), str(Path(model_path).absolute().parent)])
         self._reservations: dict[int, tuple[Proc, int]] = {}
 
     # --- start-up ------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class Kernel:
     def shutdown(self) -> None:
         """Kill every agent, wait (bounded) to reap them, stop the engine, release the socket."""
         for proc in self.procs.live():
-            self.procs.kill(proc, "kernel shutdown")
+            self.kill(proc, "kernel shutdown")
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while self.procs.live() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -172,8 +173,11 @@ class Kernel:
             raise ENOENT(f"no privilege group {args.group!r}; configured: {sorted(self.config.groups)}")
         name = args.name or Path(args.filename).stem
         limits = effective_limits(group.limits, msgspec.structs.asdict(args.limits) if args.limits else None)
+        next_id = self.procs.next_id
         proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
-                                owner.describe(), limits, lambda scratch: policy.build(str(scratch), limits))
+                                owner.describe(), limits,
+                                lambda scratch: self.host.prepare(next_id, scratch, limits,
+                                                                  allow_fork=group.allow_fork))
         if limits["syscall_rate"]:
             proc.rate_bucket = RateBucket(limits["syscall_rate"])
         for fd in proc.pipes:
@@ -191,8 +195,10 @@ class Kernel:
         proc.state = State.RUNNING
 
     def kill(self, proc: Proc, reason: str) -> None:
-        """proc.kill: SIGKILL the process group now; its LLM requests end with ECANCELED."""
-        self.procs.kill(proc, reason)
+        """proc.kill: SIGKILL everything the agent started now; its LLM requests end with ECANCELED."""
+        if proc.alive:
+            proc.kill_reason = proc.kill_reason or reason
+            self.host.kill(proc.id, proc.pid)
         self.engine.cancel_owner(proc.id)
 
     def _enforce_limits(self) -> None:
@@ -242,6 +248,7 @@ class Kernel:
             proc.output.close()
             proc.popen.stdout = proc.popen.stderr = None  # closed above, by fd
             shutil.rmtree(proc.scratch, ignore_errors=True)
+            self.host.release(proc.id)
             self.engine.cancel_owner(proc.id)
             self.router.forget(proc)
             for call in self._followers.pop(proc.id, ()):

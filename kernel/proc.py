@@ -141,6 +141,11 @@ class ProcTable:
         """The live process whose OS pid is ``pid``."""
         return self._by_pid.get(pid)
 
+    @property
+    def next_id(self) -> int:
+        """The id the next spawned process will get."""
+        return self._next_id
+
     def all(self) -> list[Proc]:
         return list(self._by_id.values())
 
@@ -188,16 +193,6 @@ class ProcTable:
         self._by_id[pid_] = proc
         self._by_pid[proc.pid] = proc
         return proc
-
-    def kill(self, proc: Proc, reason: str) -> None:
-        """SIGKILL the process's whole process group; the reason is recorded when it is reaped."""
-        if not proc.alive:
-            return
-        proc.kill_reason = proc.kill_reason or reason
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the group is gone; the leader may linger as a zombie
-            pass
 
     def reap(self) -> list[Proc]:
         """Collect every exited child without blocking; return the table's processes that ended.

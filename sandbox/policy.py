@@ -41,6 +41,7 @@ class Policy:
     landlock_read: list[str] = field(default_factory=list)   # read(+exec) hierarchies
     landlock_write: list[str] = field(default_factory=list)  # read-write hierarchies
     seccomp: bool = True
+    allow_fork: bool = False                                 # seccomp: may the agent create processes?
 
     def to_env(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -81,7 +82,8 @@ def apply(policy: Policy, connect: Callable[[], None]) -> Report:
     connect()
     _layer(report, "uid", lambda: identity.switch(policy.uid, policy.gid))
     _layer(report, "prctl", no_privileges)
-    _layer(report, "seccomp", lambda: seccomp.install() if policy.seccomp else _off("not requested"))
+    _layer(report, "seccomp",
+           lambda: seccomp.install(allow_fork=policy.allow_fork) if policy.seccomp else _off("not requested"))
     return report
 
 
@@ -115,7 +117,7 @@ AS_HEADROOM_MB = 512  # address space beyond the RSS budget: thread stacks, aren
 
 
 def build(scratch: str, limits: dict, *, uid: int | None = None, gid: int | None = None,
-          cgroup_procs: list[str] | None = None) -> Policy:
+          cgroup_procs: list[str] | None = None, allow_fork: bool = False) -> Policy:
     """The policy for one agent from its effective limits (names as in the ABI's ``limits``; None = none).
 
     Hard OS limits go underneath the kernel's psutil accounting: polling alone cannot stop an allocator.
@@ -132,4 +134,4 @@ def build(scratch: str, limits: dict, *, uid: int | None = None, gid: int | None
     if limits.get("procs") and uid is not None:
         rl["NPROC"] = limits["procs"]  # counts per uid: only meaningful when the agent has its own
     return Policy(scratch=scratch, rlimits=rl, uid=uid, gid=gid, cgroup_procs=list(cgroup_procs or []),
-                  landlock_read=[], landlock_write=[scratch])
+                  landlock_read=[], landlock_write=[scratch], allow_fork=allow_fork)

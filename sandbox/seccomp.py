@@ -4,5 +4,5 @@ from __future__ import annotations
 from sandbox.policy import LayerUnavailable
 
 
-def install() -> str:
+def install(allow_fork: bool = False) -> str:
     raise LayerUnavailable("not built yet")

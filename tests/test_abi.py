@@ -206,6 +206,6 @@ def test_forked_child_of_agent_is_not_an_agent(kernel):
             os._exit(0)
         os.waitpid(pid, 0)
         print("parent:", client.ping())
-    """)
+    """, group="trusted")  # a group whose agents may fork (docs/abi.md 5)
     assert rec["exit_status"] == 0, out
     assert "child: EPERM" in out and "parent: {'pong': True}" in out
