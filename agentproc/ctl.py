@@ -43,18 +43,42 @@ def _age(record: dict) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+LIMIT_FLAGS = {  # aiosctl run flag -> ABI limit key (docs/abi.md, proc.spawn)
+    "memory_mb": "memory (MB, resident, whole process tree)", "cpu_seconds": "CPU seconds",
+    "wall_seconds": "wall-clock seconds", "procs": "processes + threads", "open_files": "open files",
+    "disk_mb": "MB written in its scratch dir", "llm_tokens": "LLM tokens (prompt + completion)",
+    "syscall_rate": "syscalls per second",
+}
+_LIMIT_SHORT = {"memory_mb": ("mem", "M"), "cpu_seconds": ("cpu", "s"), "wall_seconds": ("wall", "s"),
+                "procs": ("procs", ""), "open_files": ("fds", ""), "disk_mb": ("disk", "M"),
+                "llm_tokens": ("tokens", ""), "syscall_rate": ("rate", "/s")}
+
+
+def _limits(record: dict) -> str:
+    parts = [f"{_LIMIT_SHORT[k][0]}={v}{_LIMIT_SHORT[k][1]}" for k, v in record.get("limits", {}).items()
+             if v is not None and k in _LIMIT_SHORT]
+    return " ".join(parts) or "-"
+
+
+def _layers(record: dict) -> str:
+    """Layers that are on, by name; the off ones (with reasons) are in `ps --json`."""
+    layers = record.get("layers") or {}
+    on = [name for name, status in layers.items() if status.startswith("on")]
+    return ",".join(on) if layers else "-"
+
+
 def cmd_ps(c: Client, a) -> int:
     procs = c.call("proc.list")["procs"]
     if a.json:
         print(json.dumps(procs, indent=2))
         return 0
-    rows = [("ID", "NAME", "GROUP", "PID", "STATE", "TIME", "TOKENS", "STATUS")]
+    rows = [("ID", "NAME", "GROUP", "PID", "STATE", "TIME", "TOKENS", "LAYERS", "LIMITS", "STATUS")]
     for p in procs:
         status = "" if p["exit_status"] is None else str(p["exit_status"])
         if p["reason"]:
             status = f"{status} ({p['reason']})".strip()
         rows.append((str(p["id"]), p["name"], p["group"], str(p["pid"]), p["state"], _age(p),
-                     str(p["usage"]["llm_tokens"]), status))
+                     str(p["usage"]["llm_tokens"]), _layers(p), _limits(p), status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
@@ -83,6 +107,9 @@ def cmd_run(c: Client, a) -> int:
     args = {"source": source, "filename": os.path.basename(a.file), "group": a.group, "argv": a.args}
     if a.name:
         args["name"] = a.name
+    limits = {k: getattr(a, k) for k in LIMIT_FLAGS if getattr(a, k) is not None}
+    if limits:
+        args["limits"] = limits
     rec = c.call("proc.spawn", args)
     if not a.wait:
         print(rec["id"])
@@ -130,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     p.add_argument("--group", default="default")
     p.add_argument("--wait", action="store_true", help="stream its output and exit with its status")
+    for key, what in LIMIT_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, metavar="N",
+                       help=f"limit: {what} (default: the group's)")
     p.add_argument("args", nargs="*", help="arguments for the program (after --)")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("ps", help="list processes")

@@ -191,9 +191,15 @@ def test_aiosctl_run_wait_ps_logs_kill(kernel, tmp_path):
     assert "greeter" in ctl(kernel, "ps").stdout
     assert ctl(kernel, "logs", str(g["id"])).stdout == "hi ['x']\noops\n"
     prog.write_text(textwrap.dedent(SLEEPER))
-    r = ctl(kernel, "run", str(prog))
+    r = ctl(kernel, "run", "--memory-mb", "300", "--llm-tokens", "5000", str(prog))
     new_id = int(r.stdout)
-    wait_running(kernel, new_id)
+    rec = wait_running(kernel, new_id)
+    assert rec["limits"]["memory_mb"] == 300 and rec["limits"]["llm_tokens"] == 5000
+    assert rec["limits"]["open_files"] == 256  # the default group's, not overridden
+    assert rec["layers"]["rlimits"].startswith("on") and rec["layers"]["prctl"].startswith("on")
+    ps = ctl(kernel, "ps").stdout
+    row = [line for line in ps.splitlines() if line.startswith(f"{new_id} ")][0]
+    assert "mem=300M" in row and "tokens=5000" in row and "rlimits" in row and "LAYERS" in ps
     assert ctl(kernel, "kill", str(new_id)).returncode == 0
     assert kernel.wait(new_id)["state"] == "KILLED"
     r = ctl(kernel, "kill", "9999")
