@@ -25,13 +25,16 @@ def main() -> None:
     endpoint, token = env.pop("AIOSD_SOCKET"), bytes.fromhex(env.pop("AIOSD_TOKEN"))
     policy = Policy.from_env(env.pop(ENV))
     program = env.pop("AIOSD_PROGRAM")
+    if policy.uid is not None and os.path.dirname(program) == os.getcwd():
+        program = os.path.basename(program)  # after the uid switch only the cwd (scratch) is reachable
+    env.setdefault("TMPDIR", policy.scratch)  # the only writable place (Landlock)
 
     def connect() -> None:
         c = client.Client(endpoint, routing_id=token)
         c.call("sys.ping")  # a round trip: the connection exists before the bootstrap gives up its uid
         client.install_default(c)
 
-    layers = apply(policy, connect)
+    layers = apply(policy, connect)  # cgroup, namespaces, rlimits, Landlock, caps, connect, uid, prctl, seccomp
     client.default().call("proc.ready", {"layers": layers})
     sys.argv = sys.argv[1:]  # [filename, *args], as if the program had been run directly
     try:

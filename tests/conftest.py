@@ -52,7 +52,11 @@ class KernelProc:
         )
         self._clients: list[Client] = []
         self.client = self.new_client()
-        self._wait_ready(timeout=60)
+        try:
+            self._wait_ready(timeout=60)
+        except BaseException:
+            self.stop()  # an open ZeroMQ context would hang pytest at exit
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -204,7 +204,8 @@ def test_aiosctl_run_wait_ps_logs_kill(kernel, tmp_path):
     assert kernel.wait(new_id)["state"] == "KILLED"
     r = ctl(kernel, "kill", "9999")
     assert r.returncode == 1 and "ENOENT" in r.stderr
-    assert ctl(kernel, "status").returncode == 0
+    r = ctl(kernel, "status")
+    assert r.returncode == 0 and "sandbox seccomp" in r.stdout and "model default" in r.stdout, r.stdout
 
 
 def test_aiosctl_status_without_kernel_exits_3(tmp_path):
