@@ -12,7 +12,7 @@ import sys
 import time
 
 from agentproc.client import Client
-from syscalls import codec
+from syscalls import address as codec
 from syscalls.errors import ETIMEDOUT, SyscallError
 
 NO_KERNEL = 3

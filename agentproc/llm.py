@@ -5,20 +5,25 @@ as the model produces them and holds the ``Completion`` in ``.completion`` once 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 from agentproc.client import Client, default
 
 
-@dataclass
 class Completion:
-    text: str
-    finish_reason: str
-    usage: dict
+    """A finished generation: ``text``, ``finish_reason`` ("stop" | "length"), ``usage`` (token counts).
+    Result keys this SDK does not know yet are kept in ``extra`` (docs/abi.md 6: clients ignore them)."""
+
+    __slots__ = ("text", "finish_reason", "usage", "extra")
+
+    def __init__(self, text: str, finish_reason: str, usage: dict, **extra):
+        self.text, self.finish_reason, self.usage, self.extra = text, finish_reason, usage, extra
 
     def __str__(self) -> str:
         return self.text
+
+    def __repr__(self) -> str:
+        return f"Completion(text={self.text!r}, finish_reason={self.finish_reason!r}, usage={self.usage!r})"
 
 
 class TextStream:

@@ -19,8 +19,6 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
-
 from sandbox.policy import LayerUnavailable
 
 ROOT = "/sys/fs/cgroup"
@@ -61,11 +59,12 @@ def _write(path: str, value) -> None:
         f.write(str(value))
 
 
-@dataclass
 class Layout:
     """Where this kernel's agent groups live: one parent dir per hierarchy."""
-    version: int                     # 1 or 2
-    parents: dict[str, str]          # controller ("memory", "pids", "cpu"; "unified" for v2) -> parent dir
+
+    def __init__(self, version: int, parents: dict[str, str]):
+        self.version = version    # 1 or 2
+        self.parents = parents    # controller ("memory", "pids", "cpu"; "unified" for v2) -> parent dir
 
 
 def detect(kernel_pid: int) -> tuple[Layout | None, str]:

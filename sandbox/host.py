@@ -24,13 +24,13 @@ from pathlib import Path
 
 from sandbox import cgroups, identity, landlock, namespaces, seccomp
 from sandbox import policy as policy_mod
+from syscalls.address import SOCKET_NAME
 
 log = logging.getLogger("aiosd.sandbox")
 
 DEFAULT_UID_BASE = 200_000
 DEFAULT_UID_COUNT = 1000
 DEFAULT_CPU_QUOTA = 1.0     # CPUs per agent (cgroup CPU quota)
-SOCKET_NAME = "kernel.sock"  # syscalls.codec.SOCKET_NAME: the kernel socket in the runtime dir
 
 
 class SandboxError(RuntimeError):

@@ -21,11 +21,11 @@ Order matters:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import resource
-from dataclasses import asdict, dataclass, field
 from typing import Callable
+
+import msgpack
 
 ENV = "AIOSD_SANDBOX"
 
@@ -35,29 +35,56 @@ RLIMITS = {
 }
 
 
-@dataclass
+_FIELDS = {  # name -> default (a type is called for a fresh empty value)
+    "scratch": None,
+    "rlimits": dict,        # name in RLIMITS -> limit (soft = hard)
+    "uid": None,            # switch to this uid/gid (kernel runs as root)
+    "gid": None,
+    "netns": True,          # unshare network + IPC namespaces
+    "cgroup_procs": list,   # cgroup.procs files to write our pid into
+    "landlock_read": list,  # read(+exec) hierarchies (or files)
+    "landlock_list": list,  # directories whose entries may be listed only
+    "landlock_write": list,  # read-write hierarchies (or files)
+    "unix_sockets": list,   # pathname sockets to reach (Landlock ABI >= 9)
+    "seccomp": True,
+    "allow_fork": False,    # seccomp: may the agent create processes?
+    "allow_connect": None,  # seccomp: new connections? (None: allow_fork)
+    "off": dict,            # layer -> why the kernel could not prepare it
+}
+
+
 class Policy:
-    scratch: str
-    rlimits: dict[str, int] = field(default_factory=dict)   # name in RLIMITS -> limit (soft = hard)
-    uid: int | None = None                                   # switch to this uid/gid (kernel runs as root)
-    gid: int | None = None
-    netns: bool = True                                       # unshare network + IPC namespaces
-    cgroup_procs: list[str] = field(default_factory=list)    # cgroup.procs files to write our pid into
-    landlock_read: list[str] = field(default_factory=list)   # read(+exec) hierarchies (or files)
-    landlock_list: list[str] = field(default_factory=list)   # directories whose entries may be listed only
-    landlock_write: list[str] = field(default_factory=list)  # read-write hierarchies (or files)
-    unix_sockets: list[str] = field(default_factory=list)    # pathname sockets to reach (Landlock ABI >= 9)
-    seccomp: bool = True
-    allow_fork: bool = False                                 # seccomp: may the agent create processes?
-    allow_connect: bool | None = None                        # seccomp: new connections? (None: allow_fork)
-    off: dict[str, str] = field(default_factory=dict)        # layer -> why the kernel could not prepare it
+    """What one agent's sandbox must be.  A plain class, not a dataclass: the bootstrap imports this module on
+    every agent start, and ``dataclasses`` (with ``inspect``) costs ~10 ms of it."""
+
+    __slots__ = tuple(_FIELDS)
+
+    def __init__(self, scratch: str, **values):
+        unknown = set(values) - set(_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown policy fields: {sorted(unknown)}")
+        self.scratch = scratch
+        for name, default in _FIELDS.items():
+            if name != "scratch":
+                setattr(self, name, values[name] if name in values else
+                        default() if isinstance(default, type) else default)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    def __repr__(self) -> str:
+        return f"Policy({self.as_dict()!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Policy) and self.as_dict() == other.as_dict()
 
     def to_env(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """The policy as an environment value: msgpack, hex-encoded (the SDK imports msgpack anyway)."""
+        return msgpack.packb(self.as_dict()).hex()
 
     @classmethod
     def from_env(cls, text: str) -> "Policy":
-        return cls(**json.loads(text))
+        return cls(**msgpack.unpackb(bytes.fromhex(text)))
 
 
 Report = dict[str, str]

@@ -6,17 +6,15 @@ request id when it could be read.  Encoding helpers build the three answer shape
 """
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 import msgspec
 
+from syscalls.address import ABI_VERSION, SOCKET_NAME, default_runtime_dir, endpoint  # noqa: F401
 from syscalls.errors import SyscallError
 
-ABI_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (ABI_VERSION,)
 DEFAULT_MAX_FRAME = 1 << 20
-SOCKET_NAME = "kernel.sock"
 
 _EMPTY_MAP = msgspec.Raw(b"\x80")
 
@@ -107,31 +105,4 @@ def chunk(rid: int, seq: int, data: Any) -> bytes:
     return encode({"v": ABI_VERSION, "id": rid, "seq": seq, "chunk": data})
 
 
-def request(rid: int, call: str, args: dict | None = None) -> bytes:
-    """Encode a request (the SDK's side)."""
-    msg = {"v": ABI_VERSION, "id": rid, "call": call}
-    if args:
-        msg["args"] = args
-    return encode(msg)
-
-
 decode_any = _any_decoder.decode
-
-
-def default_runtime_dir() -> str:
-    """The runtime directory both ``aiosd`` and ``aiosctl`` use unless told otherwise.
-
-    ``$AIOSD_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/aiosd``, else ``/tmp/aiosd-<uid>``.
-    """
-    env = os.environ.get("AIOSD_RUNTIME_DIR")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "aiosd")
-    return f"/tmp/aiosd-{os.getuid()}"
-
-
-def endpoint(runtime_dir: str) -> str:
-    """The kernel's ZeroMQ endpoint inside ``runtime_dir``."""
-    return "ipc://" + os.path.join(os.path.abspath(runtime_dir), SOCKET_NAME)
