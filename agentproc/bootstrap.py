@@ -1,7 +1,8 @@
 """The first code an agent process runs: sandbox itself, connect to the kernel, then run the agent program.
 
-The kernel starts ``python -I -u -m agentproc.bootstrap FILENAME [ARGS...]`` with the connection details and
-the sandbox policy in ``AIOSD_*`` environment variables, which are removed before the program runs.  The
+The kernel starts ``python -I -S -u -c <import this, main()> FILENAME [ARGS...]`` (kernel/proc.py) with the
+connection details and the sandbox policy in ``AIOSD_*`` environment variables, which are removed before the
+program runs.  The
 bootstrap applies the policy (``sandbox.policy.apply``), attests the resulting layers to the kernel with
 ``proc.ready`` -- its first syscall, accepted once, before any agent code runs -- and runs the program as
 ``__main__``.

@@ -28,6 +28,19 @@ from sandbox.policy import ENV as POLICY_ENV
 from sandbox.policy import Policy
 from syscalls.errors import EAGAIN, ENOENT
 
+def _agent_sys_path() -> list[str]:
+    """Where an agent finds the SDK and its few dependencies: the repo's packages and site-packages."""
+    import agentproc
+    import site
+    return [os.path.dirname(os.path.dirname(os.path.abspath(agentproc.__file__)))] + site.getsitepackages()
+
+
+# How an agent starts.  -I: isolated mode (no PYTHON* variables, no user site, no cwd on sys.path); -S: no
+# `site` -- agents need none of its .pth processing (code hooks) or editable-install finders, and skipping it
+# saves ~20 ms of every start, so sys.path is given explicitly; -u: unbuffered output, so that
+# `aiosctl logs --follow` sees lines as they are printed.  argv after the code: [filename, *args].
+_BOOT = f"import sys; sys.path[:0] = {_agent_sys_path()!r}; from agentproc.bootstrap import main; main()"
+
 MAX_OUTPUT_KEPT = 4 << 20  # bytes of captured output kept in memory per process (the log file keeps all)
 
 
@@ -178,9 +191,7 @@ class ProcTable:
             POLICY_ENV: make_policy(scratch).to_env(),
         }
         output = Output(self.runtime_dir / "logs" / f"{pid_}.log")
-        # -I: isolated mode (no PYTHON* variables, no user site, no cwd on sys.path); -u: unbuffered output
-        # so `aiosctl logs --follow` sees lines as they are printed.
-        cmd = [sys.executable, "-I", "-u", "-m", "agentproc.bootstrap", filename, *argv]
+        cmd = [sys.executable, "-I", "-S", "-u", "-c", _BOOT, filename, *argv]
         popen = subprocess.Popen(
             cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
