@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 from kernel.resources import LIMIT_KEYS
+from kernel.scheduler import POLICIES
 from syscalls.codec import DEFAULT_MAX_FRAME
 from syscalls.table import ADMIN, BASIC, LLM, PRIVILEGES, PROC
 
@@ -49,9 +50,39 @@ class KernelSection:
 class LLMSection:
     model: str = ""          # empty: the embedded default model in the state dir
     n_ctx_seq: int = 2048
-    n_seq_max: int = 16
+    n_seq_max: int = 32      # sequence slots: running + preempted + cached sessions
     n_batch: int = 512
     threads: int = 0         # 0: os.cpu_count()
+    max_active: int = 16     # sequences decoded together in one step (capped at n_seq_max)
+    kv_size: int = 0         # KV cells shared by all sequences; 0: n_ctx_seq * max_active
+    scheduler: str = "fair"  # fifo | rr | fair (kernel/scheduler.py)
+    rr_slice: int = 32       # tokens: rr's time slice, fair's hysteresis
+    swap_ram_mb: int = 512   # evicted sequences' KV snapshots in RAM, then
+    swap_disk_mb: int = 2048  # on disk in <runtime-dir>/swap (0: never spill)
+    snapshots: bool = True   # false: evicted sequences are recomputed from their tokens
+    share_prefix: bool = False  # reuse cached KV across agents (a timing side channel; docs/engine.md)
+    default_model: str = ""  # a [models.NAME] that serves requests naming no model; empty: this one
+
+
+@dataclass
+class SandboxSection:
+    """``[sandbox]``: the kernel-side layers (docs/sandbox.md)."""
+    uids: bool = True         # a per-agent uid from the pool, when the kernel is root and Python is readable
+    uid_base: int = 200000
+    uid_count: int = 1000
+    cgroups: bool = True      # per-agent cgroups (memory, pids, cpu), when the kernel is root
+    cpu_quota: float = 1.0    # CPUs per agent (cgroup cpu quota); 0 = none
+    extra_read: list = field(default_factory=list)  # more read-only paths for agents (Landlock)
+
+
+@dataclass
+class ModelSection:
+    """``[models.NAME]``: another model to serve; 0 = as in ``[llm]``."""
+    path: str = ""
+    n_ctx_seq: int = 0
+    n_seq_max: int = 0
+    max_active: int = 0
+    kv_size: int = 0
 
 
 @dataclass
@@ -59,6 +90,8 @@ class Config:
     kernel: KernelSection = field(default_factory=KernelSection)
     llm: LLMSection = field(default_factory=LLMSection)
     groups: dict[str, Group] = field(default_factory=lambda: dict(DEFAULT_GROUPS))
+    models: dict[str, ModelSection] = field(default_factory=dict)
+    sandbox: SandboxSection = field(default_factory=SandboxSection)
 
 
 def _fill(section, values: dict, where: str) -> None:
@@ -67,6 +100,8 @@ def _fill(section, values: dict, where: str) -> None:
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
         want = type(getattr(section, key))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
             raise ConfigError(f"{where}.{key}: expected {want.__name__}, got {value!r}")
         setattr(section, key, value)
@@ -111,15 +146,33 @@ def load(path: str | os.PathLike | None) -> Config:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     for name, values in data.items():
-        if name in ("kernel", "llm") and isinstance(values, dict):
+        if name in ("kernel", "llm", "sandbox") and isinstance(values, dict):
             _fill(getattr(cfg, name), values, f"{path}: [{name}]")
         elif name == "groups" and isinstance(values, dict):
             for group, spec in values.items():
                 cfg.groups[group] = _group(spec, f"{path}: [groups.{group}]")
+        elif name == "models" and isinstance(values, dict):
+            for model, spec in values.items():
+                where = f"{path}: [models.{model}]"
+                if model == "default" or not isinstance(spec, dict):
+                    raise ConfigError(f"{where}: a table with `path = ...`; the name 'default' is the [llm] model")
+                cfg.models[model] = ModelSection()
+                _fill(cfg.models[model], spec, where)
+                if not cfg.models[model].path:
+                    raise ConfigError(f"{where} needs `path = \"FILE.gguf\"`")
         else:
-            raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [groups.NAME]")
+            raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [sandbox], "
+                              "[groups.NAME], [models.NAME]")
     if cfg.kernel.max_frame < 1024:
         raise ConfigError(f"{path}: [kernel] max_frame must be at least 1024 bytes")
     if cfg.llm.n_seq_max < 1 or cfg.llm.n_ctx_seq < 64:
         raise ConfigError(f"{path}: [llm] needs n_seq_max >= 1 and n_ctx_seq >= 64")
+    if cfg.llm.scheduler not in POLICIES:
+        raise ConfigError(f"{path}: [llm] scheduler must be one of {', '.join(POLICIES)}, got {cfg.llm.scheduler!r}")
+    if cfg.llm.max_active < 1 or cfg.llm.rr_slice < 1 or min(cfg.llm.kv_size, cfg.llm.swap_ram_mb,
+                                                               cfg.llm.swap_disk_mb) < 0:
+        raise ConfigError(f"{path}: [llm] needs max_active >= 1, rr_slice >= 1, kv_size, swap_ram_mb and "
+                          "swap_disk_mb >= 0")
+    if cfg.llm.default_model and cfg.llm.default_model not in cfg.models:
+        raise ConfigError(f"{path}: [llm] default_model {cfg.llm.default_model!r} is not a [models.NAME] section")
     return cfg

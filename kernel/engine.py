@@ -1,58 +1,92 @@
 """The LLM engine: many generations at once in one llama.cpp context (continuous batching).
 
-Modelled on llama.cpp's ``examples/parallel``.  One engine thread owns the model and the context (a llama
-context must only ever be touched from one thread; ctypes releases the GIL while llama.cpp computes, so the
-kernel's other threads keep running) and loops::
+Modelled on llama.cpp's ``examples/parallel`` and ``tools/server``.  One engine thread owns the model and the
+context (a llama context must only ever be touched from one thread; ctypes releases the GIL while llama.cpp
+computes, so the kernel's other threads keep running) and loops::
 
     wait until there is work
     take cancellations                  -> free their sequences, report ECANCELED
-    admit waiting requests              -> into free sequence slots, in the order the policy gives
+    ask the policy who runs             -> up to max_active pending requests, best first (kernel/scheduler.py)
+    make them resident                  -> a sequence slot and KV cells each: reuse a cached prefix, restore an
+                                           evicted snapshot, or prefill; evict others to make room
     fill one batch                      -> the next token of every decoding sequence, then prompt chunks
     llama_decode once
     sample each sequence from its row   -> its own C sampler chain; then retire finished sequences
 
-Mechanism (batch, decode, sample, free) lives here; which waiting request runs next is the policy object's
-choice (``FifoPolicy`` for now).  Results go to the caller's sink, called from the engine thread.
+Mechanism lives here: batch, decode, sample, slots, KV accounting, prefix reuse, free.  Which requests run is
+the policy's choice (``fifo``, ``rr``, ``fair``); eviction and exact restore are ``kernel/context.py``'s.
+Results go to the caller's sink, called from the engine thread.
+
+Slots and memory.  The context has ``n_seq_max`` sequence slots sharing one KV pool of ``kv_size`` cells
+(``kv_unified``).  A slot is *busy* (a pending request's sequence: running, or preempted and left out of the
+batch), *cached* (an idle session: the KV of a finished generation, kept so that the owner's next request
+that starts with the same tokens, e.g. the next turn of a chat, only computes what is new), or free.  A
+request is admitted only when a slot and enough cells for its known tokens are free; otherwise the engine
+evicts cached sessions (oldest first) and preempted sequences (least recently run first) to make room, and if
+nothing can be evicted the request waits in the policy -- queued, never dropped.  Gemma 3's sliding-window
+layers keep a full-size cache (``swa_full``) so that a sequence can be cut back to a prefix.
+
+Prefix reuse.  A new request's prompt is matched against the KV the engine holds for the *same owner*
+(cached sessions, running sequences, evicted sessions): the longest common prefix, at least ``MIN_REUSE``
+tokens and never the last prompt token (its logits are needed), is reused -- taken over from a cached slot,
+copied from a busy one with ``llama_memory_seq_cp`` (in a unified cache only metadata: the cells are shared),
+or restored from a snapshot -- and ``usage.cached_tokens`` reports how many prompt tokens were not recomputed.
+Reuse is per owner by default because it is a timing side channel: an agent whose prompt is answered faster
+learns that someone else's prompt began the same way.  ``share_prefix=True`` (``[llm] share_prefix``) allows
+it across owners, e.g. for a common system prompt among agents that trust one another.
 
 Batching changes numerics slightly: llama.cpp's CPU kernels choose their algorithm by the shape of a batch
 (e.g. >= 8 tokens, >= 64 tokens, a lone token over >= 512 KV cells), and the algorithms round differently:
 measured on Gemma 3 270M, a sequence's logits move by up to ~2 depending on what it shares a batch with.  So
 a greedy generation equals its solo run token for token only while the top choice wins by a clear margin;
 16 concurrent 64-token essays matched their solo runs in 1-2 of 16 cases (and the same concurrent workload
-can differ from run to run: submission timing decides who shares a batch).  Weights are not repacked
-(``use_extra_bufts = False``): the repacked Q4_K kernels add one more such switch (at 4 rows) and were
-slower here (150-160 vs 75-100 tok/s for 16 sequences).
+can differ from run to run: submission timing decides who shares a batch).  The same holds for a prompt whose
+prefix came from the cache (its remaining tokens are prefilled in a smaller batch) and for a sequence resumed
+by recomputation (the text fallback).  Where the cells themselves are concerned the engine is exact: a
+snapshot restores them bit for bit, and the request keeps its sampler chain (and its RNG) across eviction, so
+a generation evicted and resumed under the same batch shapes continues exactly as it would have -- within the
+sliding window (512 tokens); beyond it llama.cpp's snapshot omits the cells the window has left behind, the
+restored cache has a different shape, and the same caveat applies (kernel/context.py).  Weights are
+not repacked (``use_extra_bufts = False``): the repacked Q4_K kernels add one more such switch (at 4 rows) and
+were slower here (35 vs 133 tok/s for 32 sequences).
 """
 from __future__ import annotations
 
 import codecs
 import ctypes
-import heapq
 import itertools
+import json
 import logging
 import math
 import os
 import random
 import threading
-from collections import deque
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import llama_cpp
+import numpy as np
+
+from kernel.context import MB, ContextManager, Snapshot
+from kernel.scheduler import FifoPolicy, Policy, make_policy
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 4096  # ABI: max_tokens is 1..4096
 MAX_STOP_SEQUENCES = 8  # ABI: stop is at most 8 non-empty strings
+MIN_REUSE = 8  # a cached prefix shorter than this is recomputed rather than reused
 CHAT_ROLES = ("system", "user", "assistant")
+DEFAULT_MODEL = "default"  # the name of the model a request gets when it names none
 # A model file without a chat template (a base model) gets its family's built-in llama.cpp template; llama.cpp
 # itself would silently use ChatML, whose markers such a model has never seen.
 BUILTIN_CHAT_TEMPLATES = {"gemma": b"gemma", "gemma2": b"gemma", "gemma3": b"gemma", "gemma3n": b"gemma"}
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 
 
 class EngineError(Exception):
     """An error with an ABI error code (docs/abi.md section 3): ``.code`` is e.g. ``"E2BIG"``, ``"EINVAL"``,
-    ``"ECANCELED"``, ``"EIO"``; ``str()`` is the message."""
+    ``"ECANCELED"``, ``"EIO"``, ``"ENOENT"``; ``str()`` is the message."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -65,7 +99,7 @@ class EngineError(Exception):
 
 @dataclass
 class SamplingParams:
-    """How to generate; the ABI arguments of ``llm.generate`` minus ``prompt`` and ``stream``."""
+    """How to generate; the ABI arguments of ``llm.generate`` minus ``prompt``, ``stream`` and ``model``."""
 
     max_tokens: int = 128
     temperature: float = 0.0  # 0 => greedy
@@ -73,6 +107,7 @@ class SamplingParams:
     top_p: float = 0.95  # 1.0 disables
     seed: int | None = None  # None => random
     stop: list[str] = field(default_factory=list)
+    json_schema: dict | None = None  # constrain the output to JSON matching this schema
 
 
 def check_params(p: SamplingParams) -> None:
@@ -99,61 +134,56 @@ def check_params(p: SamplingParams) -> None:
     for s in p.stop:
         if not isinstance(s, str) or not s:
             raise EngineError("EINVAL", f"stop must hold non-empty strings, got {s!r}")
+    if p.json_schema is not None and not isinstance(p.json_schema, dict):
+        raise EngineError("EINVAL", f"json_schema must be a JSON Schema object (a map) or nil, got {p.json_schema!r}")
 
 
-# Request life cycle: WAITING (in the policy) -> RUNNING (owns a sequence slot) -> DONE (sink got done/error).
+def schema_grammar(schema: dict) -> str:
+    """The GBNF grammar of JSON documents matching ``schema``; ``EngineError("EINVAL")`` if it cannot be
+    converted (llama-cpp-python's converter supports most of JSON Schema draft 2020-12)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:
+        raise EngineError("EINVAL", f"json_schema cannot be turned into a grammar: {exc}") from None
+
+
+# Request life cycle: WAITING (pending, never ran) -> RUNNING (the engine has started it: it has a sequence, which
+# may be preempted or evicted meanwhile) -> DONE (the sink got done/error).
 WAITING, RUNNING, DONE = "waiting", "running", "done"
 
 
 class Request:
     """One generation, created by ``Engine.submit``.  The caller treats it as an opaque handle: ``id`` is unique
-    per engine; ``owner`` and ``tag`` are whatever the caller passed (``tag`` comes back untouched in events)."""
+    per engine; ``owner``, ``tag``, ``key`` and ``priority`` are what the caller passed (``tag`` comes back
+    untouched in events); ``model`` names the engine that serves it."""
 
-    __slots__ = ("id", "owner", "tag", "stream", "params", "tokens", "_state", "_cancelled")
+    __slots__ = ("id", "owner", "tag", "key", "stream", "params", "tokens", "priority", "model", "_state",
+                 "_cancelled", "_sampler", "_grammar", "_seq")
 
-    def __init__(self, id: int, tokens: list[int], params: SamplingParams, owner, tag, stream: bool):
+    def __init__(self, id: int, tokens: list[int], params: SamplingParams, owner, tag, stream: bool,
+                 priority: int = 0, key=None, model: str = DEFAULT_MODEL):
         self.id = id
         self.owner = owner
         self.tag = tag
+        self.key = key
         self.stream = stream
         self.params = params
         self.tokens = tokens  # the prompt (a text prompt's BOS included)
+        self.priority = priority
+        self.model = model
         self._state = WAITING  # guarded by Engine._lock
         self._cancelled = False  # guarded by Engine._lock
+        self._sampler = None  # C sampler chain; made by submit, freed by the engine thread when the request ends
+        self._grammar = None  # C grammar sampler (json_schema), or None
+        self._seq = None  # engine thread: its _Seq once started
 
     def __repr__(self) -> str:
         return f"<Request {self.id} owner={self.owner!r} {self._state} prompt={len(self.tokens)}t>"
 
 
 Sink = Callable[[Request, str, object], None]
-
-
-class FifoPolicy:
-    """Which waiting request gets the next free sequence slot: first come, first served.
-
-    The engine calls these under its lock; a policy need not be thread-safe.  Later policies (round robin per
-    owner, fair share, preemption) keep this interface.
-    """
-
-    def __init__(self):
-        self._queue: deque[Request] = deque()
-
-    def push(self, req: Request) -> None:
-        """A request starts waiting."""
-        self._queue.append(req)
-
-    def pop_next(self) -> Request | None:
-        """The request to admit now, removed from the policy; None when nothing waits."""
-        return self._queue.popleft() if self._queue else None
-
-    def remove(self, req: Request) -> None:
-        """A waiting request leaves without running (it was cancelled)."""
-        self._queue.remove(req)
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-
 class TextStream:
     """Turns one sequence's generated token bytes into text: incremental UTF-8, stop strings, streaming hold-back.
 
@@ -213,21 +243,84 @@ class TextStream:
 
 @dataclass(eq=False)
 class _Seq:
-    """A running request's state inside the engine thread (only that thread touches it)."""
+    """A started request's state inside the engine thread (only that thread touches it).
+
+    ``tokens`` is everything that must be in the KV cache before the next sample: the prompt, then every
+    generated token fed back.  The cache holds ``tokens[:n_past]`` while the sequence is resident (``slot``), and
+    its snapshot holds as much while it is evicted (``snapshot``; None after a text eviction, which sets
+    ``n_past`` to 0 so that everything is recomputed).  A decoding sequence has exactly one token left to feed.
+    """
 
     req: Request
-    seq_id: int  # its slot: the llama sequence id, 0..n_seq_max-1
-    sampler: object  # its llama_sampler chain (C pointer)
+    sampler: object  # its llama_sampler chain (C pointer); kept across eviction, with its RNG state
+    grammar: object  # its grammar sampler (C pointer) or None
     text: TextStream
-    n_past: int = 0  # tokens in the KV cache = position of the next token
-    sampled: int | None = None  # last sampled token, not yet in the KV cache (None while prefilling)
+    tokens: list[int]
+    n_past: int = 0
     n_generated: int = 0  # completion tokens so far (an EOG token is not counted)
+    n_cached: int = 0  # prompt tokens whose KV was reused instead of computed
+    complete_from: int = 0  # sliding-window layers hold no cells below this position (see _restored)
+    slot: "_Slot | None" = None
+    snapshot: Snapshot | None = None
+    last_ran: int = 0  # the step it last ran in
     n_queued: int = 0  # tokens of this sequence in the current batch
     row: int = -1  # batch row whose logits to sample this step; -1: nothing to sample
 
+
+@dataclass(eq=False)
+class _Slot:
+    """One llama sequence id.  Busy (``seq``), cached (``cache``: the tokens of an idle session's KV) or free."""
+
+    seq_id: int
+    seq: _Seq | None = None
+    cache: list[int] | None = None
+    owner: object = None  # the cached session's owner
+    stamp: float = 0.0  # when the cached session was last used
+    complete_from: int = 0  # the cached session's sliding-window floor (see Engine._restored)
+
     @property
-    def prefilling(self) -> bool:
-        return self.sampled is None
+    def free(self) -> bool:
+        return self.seq is None and self.cache is None
+
+    @property
+    def cells(self) -> int:
+        """KV cells this slot holds (cells shared with another slot are counted by both)."""
+        if self.seq is not None:
+            return self.seq.n_past
+        return len(self.cache) if self.cache is not None else 0
+
+    def kv_tokens(self) -> list[int]:
+        return self.seq.tokens[: self.seq.n_past] if self.seq is not None else (self.cache or [])
+
+    def floor(self) -> int:
+        return self.seq.complete_from if self.seq is not None else self.complete_from
+
+
+@dataclass(eq=False)
+class _Session:
+    """An idle session evicted from its slot: its tokens and their snapshot (droppable)."""
+
+    owner: object
+    tokens: list[int]
+    snapshot: Snapshot
+    complete_from: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists (list slices compare in C)."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 1, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 _backend_lock = threading.Lock()
@@ -259,40 +352,74 @@ class Engine:
     called from the engine thread and must be cheap:
 
     - ``"chunk"``, ``{"text": str}``: only when ``request.stream``, only non-empty text;
-    - ``"done"``, ``{"text", "finish_reason": "stop"|"length", "usage": {"prompt_tokens", "completion_tokens"}}``;
+    - ``"done"``, ``{"text", "finish_reason": "stop"|"length", "usage": {"prompt_tokens", "completion_tokens",
+      "cached_tokens"}}``;
     - ``"error"``, an ``EngineError`` (``ECANCELED`` after cancel or close, ``EIO`` when decoding failed).
 
     Exactly one of done/error per request, always its last event.
+
+    Sizes: ``n_seq_max`` sequence slots (running + preempted + cached sessions, at most 256); ``max_active``
+    sequences per step (default: all slots; ``n_batch`` must be at least this); ``kv_size`` KV cells in all
+    (default ``n_ctx_seq * max_active``; at least ``n_ctx_seq``); ``n_ctx_seq`` tokens per sequence (prompt +
+    output).  ``policy``: a ``kernel.scheduler.Policy`` or its name (default FIFO).  Eviction: snapshots in RAM
+    up to ``swap_ram_mb``, then in ``swap_dir`` up to ``swap_disk_mb``; ``snapshots=False`` always recomputes.
+    ``session_cache=False`` frees a finished request's KV instead of keeping it for its owner's next request.
     """
 
     def __init__(self, model_path: str, sink: Sink, *, n_ctx_seq: int = 2048, n_seq_max: int = 16,
-                 n_threads: int | None = None, n_batch: int = 512, policy: FifoPolicy | None = None):
+                 n_threads: int | None = None, n_batch: int = 512, policy: Policy | str | None = None,
+                 max_active: int | None = None, kv_size: int | None = None, rr_slice: int = 32,
+                 swap_ram_mb: int = 512, swap_disk_mb: int = 2048, swap_dir: str | None = None,
+                 snapshots: bool = True, share_prefix: bool = False, session_cache: bool = True,
+                 name: str = DEFAULT_MODEL):
         if not 1 <= n_seq_max <= 256:
             raise EngineError("EINVAL", f"n_seq_max must be in 1..256 (llama.cpp's limit), got {n_seq_max}")
         if n_ctx_seq < 2:
             raise EngineError("EINVAL", f"n_ctx_seq must be at least 2 tokens, got {n_ctx_seq}")
-        if n_batch < n_seq_max:
-            raise EngineError("EINVAL", f"n_batch ({n_batch}) must be >= n_seq_max ({n_seq_max}): every running "
+        max_active = n_seq_max if not max_active else max_active
+        if not 1 <= max_active <= n_seq_max:
+            raise EngineError("EINVAL", f"max_active must be in 1..n_seq_max ({n_seq_max}), got {max_active}")
+        if n_batch < max_active:
+            raise EngineError("EINVAL", f"n_batch ({n_batch}) must be >= max_active ({max_active}): every running "
                               "sequence needs a row in each batch")
+        kv_size = kv_size or n_ctx_seq * max_active
+        if kv_size < n_ctx_seq:
+            raise EngineError("EINVAL", f"kv_size ({kv_size}) must be >= n_ctx_seq ({n_ctx_seq}): one sequence of "
+                              "full length must fit")
+        if isinstance(policy, str):
+            try:
+                policy = make_policy(policy, rr_slice=rr_slice)
+            except ValueError as exc:
+                raise EngineError("EINVAL", str(exc)) from None
+        self.name = name
         self.model_path = str(model_path)
         self.n_ctx_seq = n_ctx_seq
         self.n_seq_max = n_seq_max
+        self.max_active = max_active
+        self.kv_size = kv_size
         self.n_batch = n_batch
         self.n_threads = n_threads or os.cpu_count() or 1
+        self.share_prefix = share_prefix
+        self.session_cache = session_cache
         self._sink = sink
         self._policy = policy if policy is not None else FifoPolicy()
+        self._ctxmgr = ContextManager(ram_budget=swap_ram_mb * MB, disk_budget=swap_disk_mb * MB,
+                                      swap_dir=swap_dir, enabled=snapshots)
 
         # Shared between callers and the engine thread, guarded by _lock.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: dict[int, Request] = {}  # every request not DONE, by id
+        self._by_key: dict[object, Request] = {}  # pending requests submitted with a key
         self._cancels: list[Request] = []  # cancelled, not yet reported by the engine thread
+        self._forget: list[object] = []  # owners whose cached sessions the engine thread must drop
         self._closed = False
         self._ids = itertools.count(1)
-        self._stats = {"steps": 0, "tokens_generated": 0, "prompt_tokens": 0}
+        self._stats = {"active": 0, "steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                       "prefix_hits": 0, "resident": 0, "cached_sessions": 0}
 
-        # Set by the engine thread while loading; read-only until freed.  tokenize/render_chat use them on the
-        # caller's thread under _model_lock, which the engine thread takes to free them.
+        # Set by the engine thread while loading; read-only until freed.  tokenize/render_chat/submit use them on
+        # the caller's thread under _model_lock, which the engine thread takes to free them.
         self._model_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loaded = threading.Event()
@@ -300,15 +427,21 @@ class Engine:
         self._model = None
         self._vocab = None
         self._n_vocab = 0
+        self._n_swa = 0  # the model's sliding window (0: none)
         self._chat_template: bytes | None = None
 
         # Engine thread only.
         self._ctx = None
         self._mem = None
         self._batch = None
-        self._active: list[_Seq] = []  # admission order
-        self._free_slots = list(range(n_seq_max))  # a heap: the lowest free sequence id first
+        self._slots = [_Slot(i) for i in range(n_seq_max)]
+        self._sessions: list[_Session] = []  # evicted idle sessions, oldest first
+        self._running: set[Request] = set()  # who ran in the last step (the policy's hysteresis)
+        self._step_no = 0
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._cur = None  # numpy llama_token_data[n_vocab] for constrained sampling
+        self._vocab_ids = None  # numpy 0..n_vocab-1
+        self._one = np.zeros(1, _TOKEN_DATA)
 
     @property
     def model_name(self) -> str:
@@ -329,14 +462,15 @@ class Engine:
                 if self._load_error is not None:
                     raise self._load_error
                 return
-            self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"llm-engine-{self.name}", daemon=True)
         self._thread.start()
         self._loaded.wait()
         if self._load_error is not None:
             self._thread.join()
             raise self._load_error
-        log.info("engine: %s loaded; %d sequences x %d tokens, batch %d, %d threads",
-                 self.model_name, self.n_seq_max, self.n_ctx_seq, self.n_batch, self.n_threads)
+        log.info("engine %s: %s loaded; %d slots, %d active, %d KV cells, %d tokens a sequence, batch %d, "
+                 "%d threads, %s scheduler", self.name, self.model_name, self.n_seq_max, self.max_active,
+                 self.kv_size, self.n_ctx_seq, self.n_batch, self.n_threads, self._policy.name)
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         """The model's tokens for ``text`` (BOS first when ``add_bos``; control tokens such as
@@ -381,15 +515,19 @@ class Engine:
                 size = n
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, owner=None, tag=None,
-               stream: bool = False) -> Request:
+               stream: bool = False, priority: int = 0, key=None) -> Request:
         """Queue a generation of ``prompt`` (text, tokenized here with BOS and special tokens; or token ids used
         as given) and return its handle at once; its events go to the sink.  A queued request waits, never
-        dropped, until a sequence slot is free.
+        dropped, until the policy runs it and a slot and KV cells are free.
 
-        Raises ``EINVAL`` (bad params or token ids), ``E2BIG`` (the prompt leaves no room for one token in the
-        per-sequence context), ``ECANCELED`` (the engine is closed), ``EIO`` (not started).
+        ``owner`` (an agent id) is whom the fair policy accounts and whose cached prefixes the request may reuse;
+        ``priority`` weights the fair policy (the owner's group priority); ``key`` (hashable) lets
+        ``cancel_key`` find the request.  Raises ``EINVAL`` (bad params, token ids or json_schema), ``E2BIG``
+        (the prompt leaves no room for one token in the per-sequence context), ``ECANCELED`` (the engine is
+        closed), ``EIO`` (not started).
         """
         check_params(params)
+        grammar_text = schema_grammar(params.json_schema) if params.json_schema is not None else None
         if isinstance(prompt, str):
             tokens = self.tokenize(prompt)
         else:
@@ -405,14 +543,25 @@ class Engine:
                               f"{self.n_ctx_seq} tokens (prompt + output), so a prompt may have at most "
                               f"{self.n_ctx_seq - 1}: shorten it")
         params = SamplingParams(params.max_tokens, float(params.temperature), params.top_k, float(params.top_p),
-                                params.seed, list(params.stop))  # a private copy: the caller may reuse theirs
-        with self._lock:
-            if self._closed:
-                raise EngineError("ECANCELED", "the engine is shutting down")
-            req = Request(next(self._ids), tokens, params, owner, tag, bool(stream))
-            self._pending[req.id] = req
-            self._policy.push(req)
-            self._wake.notify()
+                                params.seed, list(params.stop), params.json_schema)  # a private copy
+        with self._model_lock:
+            self._require_model()
+            sampler, grammar = self._make_samplers(params, grammar_text)
+        try:
+            with self._lock:
+                if self._closed:
+                    raise EngineError("ECANCELED", "the engine is shutting down")
+                req = Request(next(self._ids), tokens, params, owner, tag, bool(stream), int(priority), key,
+                              self.name)
+                req._sampler, req._grammar = sampler, grammar
+                self._pending[req.id] = req
+                if key is not None:
+                    self._by_key[key] = req
+                self._policy.add(req)
+                self._wake.notify()
+        except BaseException:
+            _free_samplers(sampler, grammar)
+            raise
         return req
 
     def cancel(self, request: Request) -> bool:
@@ -422,16 +571,32 @@ class Engine:
         with self._lock:
             return self._cancel_locked(request)
 
-    def cancel_owner(self, owner) -> int:
-        """Cancel every pending request of ``owner``; return how many were cancelled."""
+    def cancel_key(self, key) -> bool:
+        """Cancel the pending request submitted with ``key``; False when there is none (it ended, or never was)."""
         with self._lock:
+            req = self._by_key.get(key)
+            return req is not None and self._cancel_locked(req)
+
+    def cancel_owner(self, owner) -> int:
+        """Cancel every pending request of ``owner`` and drop its cached sessions; return how many requests were
+        cancelled.  (The kernel calls this when an agent is killed or ends.)"""
+        with self._lock:
+            self._forget.append(owner)
+            self._wake.notify()
             return sum(self._cancel_locked(r) for r in list(self._pending.values()) if r.owner == owner)
 
     def stats(self) -> dict:
-        """``{"active", "waiting", "steps", "tokens_generated", "prompt_tokens"}``: sequences running now,
-        requests queued, decode steps, completion tokens and prompt tokens decoded since start."""
+        """Counters: ``active`` (sequences in the last step), ``waiting`` (pending requests not in it),
+        ``resident`` (busy slots), ``cached_sessions`` (idle sessions in slots), ``steps``, ``tokens_generated``,
+        ``prompt_tokens`` (prompt tokens computed), ``cached_tokens`` and ``prefix_hits`` (prompt tokens and
+        requests that reused cached KV), and the context manager's ``evictions``, ``restores``,
+        ``text_evictions``, ``snapshots_ram``, ``snapshots_disk``, ``swap_ram_bytes``, ``swap_disk_bytes``..."""
         with self._lock:
-            return {"active": len(self._active), "waiting": len(self._policy), **self._stats}
+            out = dict(self._stats)
+            out["waiting"] = max(0, len(self._policy) - out["active"])
+        out.update(self._ctxmgr.stats())
+        out["scheduler"] = self._policy.name
+        return out
 
     def close(self) -> None:
         """Cancel everything pending (``ECANCELED``), stop and join the engine thread, free the model.
@@ -458,11 +623,35 @@ class Engine:
         if req._state == DONE or req._cancelled:
             return False
         req._cancelled = True
-        if req._state == WAITING:
-            self._policy.remove(req)
+        self._policy.remove(req)
         self._cancels.append(req)
         self._wake.notify()
         return True
+
+    def _make_samplers(self, p: SamplingParams, grammar_text: str | None):
+        """A new C sampler chain for ``p`` (greedy when temperature is 0, else top_k, top_p, temp, dist(seed)) and
+        the grammar sampler of ``grammar_text`` (or None).  Call with ``_model_lock`` held."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if not chain:
+            raise EngineError("EIO", "llama.cpp could not create a sampler")
+        if p.temperature == 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if p.top_k > 0:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(p.top_k))
+            if p.top_p < 1:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
+            # 0xFFFFFFFF means "random" to llama.cpp, so seeds live in 0..2**32-2.
+            seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        if grammar_text is None:
+            return chain, None
+        grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar_text.encode(), b"root")
+        if not grammar:
+            llama_cpp.llama_sampler_free(chain)
+            raise EngineError("EINVAL", "json_schema: llama.cpp rejected the grammar made from it")
+        return chain, grammar
 
     # ---- the engine thread ------------------------------------------------------------------------------
 
@@ -482,15 +671,16 @@ class Engine:
                     self._step()
                 except Exception as exc:  # a bug or a failing llama call: fail what ran, keep serving
                     log.exception("engine step failed")
-                    for seq in list(self._active):
-                        self._fail(seq, EngineError("EIO", f"the LLM engine failed: {exc}"))
+                    self._reset(EngineError("EIO", f"the LLM engine failed: {exc}"))
         finally:
             with self._lock:  # closed, or dying of a bug: either way nothing may wait forever
                 self._closed = True
                 for req in list(self._pending.values()):
                     self._cancel_locked(req)
-            self._take_cancellations()
-            self._free()
+            try:
+                self._take_cancellations()
+            finally:
+                self._free()
 
     def _load(self) -> None:
         """Load the model and create the context and batch; raise ``EngineError("EIO")`` saying what failed."""
@@ -505,22 +695,23 @@ class Engine:
                               "or a truncated file (delete it and run `make install`)")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._n_swa = max(0, llama_cpp.llama_model_n_swa(self._model))
         self._chat_template = self._find_chat_template()
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = self.n_ctx_seq * self.n_seq_max
+        cp.n_ctx = self.kv_size
         cp.n_batch = cp.n_ubatch = self.n_batch
         cp.n_seq_max = self.n_seq_max
         cp.n_threads = cp.n_threads_batch = self.n_threads
-        cp.kv_unified = True  # one KV pool shared by all sequences (prefix sharing is free later)
-        cp.swa_full = True  # a full-size sliding-window cache, so a sequence's KV can be partially removed
+        cp.kv_unified = True  # one KV pool shared by all sequences: prefix sharing is free, memory is pooled
+        cp.swa_full = True  # a full-size sliding-window cache, so a sequence's KV can be cut back to a prefix
         cp.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
         if not self._ctx:
-            raise EngineError("EIO", f"llama.cpp could not create a context of {cp.n_ctx} tokens "
-                              f"({self.n_seq_max} sequences x {self.n_ctx_seq}): out of memory? "
-                              "lower [llm] n_seq_max or n_ctx_seq")
+            raise EngineError("EIO", f"llama.cpp could not create a context of {cp.n_ctx} KV cells and "
+                              f"{self.n_seq_max} sequences: out of memory? lower [llm] kv_size or n_seq_max")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._ctxmgr.attach(self._ctx, self._mem)
 
     def _find_chat_template(self) -> bytes:
         """The model's own chat template, else the built-in one of its architecture, else ChatML."""
@@ -537,7 +728,9 @@ class Engine:
         return b"chatml"
 
     def _free(self) -> None:
-        """Free the batch, context and model (engine thread, after the loop)."""
+        """Free the snapshots, batch, context and model (engine thread, after the loop)."""
+        self._ctxmgr.clear()
+        self._sessions.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -552,96 +745,249 @@ class Engine:
     def _wait_for_work(self) -> bool:
         """Block (no CPU) until there is something to do; False when the engine is closing."""
         with self._lock:
-            while not (self._closed or self._cancels or self._active or len(self._policy)):
+            while not (self._closed or self._cancels or self._forget or len(self._policy)):
                 self._wake.wait()
             return not self._closed
 
     def _step(self) -> None:
-        """One turn of the loop: cancellations, admission, one batch, one decode, sampling and retirement."""
+        """One turn of the loop: cancellations, the policy's choice, residency, one batch, decode, sampling."""
         self._take_cancellations()
-        self._admit()
-        if not self._active:
-            return
-        in_batch = self._fill_batch()
-        if self._decode(in_batch):
-            self._sample(in_batch)
+        with self._lock:
+            order = self._policy.pick(self.max_active, self._running)
+        plan = self._plan(order)
+        rows = self._fit_step(plan)
+        self._running = {seq.req for seq, _ in rows}
+        if rows:
+            self._step_no += 1
+            self._fill_batch(rows)
+            if self._decode(rows):
+                self._sample(rows)
+        with self._lock:
+            self._stats["active"] = sum(req._state != DONE for req in self._running)
+            self._stats["resident"] = sum(s.seq is not None for s in self._slots)
+            self._stats["cached_sessions"] = sum(s.cache is not None for s in self._slots) + len(self._sessions)
+
+    # -- cancellation --
 
     def _take_cancellations(self) -> None:
-        """Report ECANCELED for every request cancelled since the last step, freeing its sequence if it ran."""
+        """Report ECANCELED for every request cancelled since the last step, freeing its sequence; drop the
+        cached sessions of owners that are gone."""
         with self._lock:
             cancels, self._cancels = self._cancels, []
+            forget, self._forget = self._forget, []
         for req in cancels:
-            seq = next((s for s in self._active if s.req is req), None)
-            if seq is not None:
-                self._release(seq)
+            if req._seq is not None:
+                self._retire(req._seq, keep=False)
             self._finish(req, "error", EngineError("ECANCELED", "the request was cancelled"))
+        for owner in forget:
+            for slot in self._slots:
+                if slot.cache is not None and slot.owner == owner:
+                    self._clear_slot(slot)
+            for sess in [s for s in self._sessions if s.owner == owner]:
+                self._sessions.remove(sess)
+                self._ctxmgr.discard(sess.snapshot)
 
-    def _admit(self) -> None:
-        """Give free sequence slots to waiting requests, in the order the policy chooses."""
-        while self._free_slots:
+    # -- residency: slots, KV cells, prefix reuse, eviction --
+
+    def _plan(self, order: list[Request]) -> list[_Seq]:
+        """Make the policy's choice resident, best first; stop at the first that cannot get room."""
+        plan: list[_Seq] = []
+        wanted = set(order)
+        for req in order:
+            seq = req._seq or self._start(req)
+            if seq.slot is None and not self._make_resident(seq, plan, wanted):
+                if plan:
+                    break  # it waits (queued, never dropped) until room frees up
+                # The best request cannot get room with everything else evicted: only a bug gets here.
+                self._fail(seq, EngineError("EIO", "the LLM engine could not make room for this request"))
+                continue
+            plan.append(seq)
+        return plan
+
+    def _start(self, req: Request) -> _Seq:
+        with self._lock:
+            req._state = RUNNING
+        req._seq = _Seq(req, req._sampler, req._grammar, TextStream(req.params.stop), list(req.tokens))
+        return req._seq
+
+    def _kv_used(self) -> int:
+        return sum(slot.cells for slot in self._slots)
+
+    def _make_resident(self, seq: _Seq, plan: list[_Seq], wanted: set) -> bool:
+        """Give ``seq`` a slot and its KV: restore its snapshot, or reuse a cached prefix and leave the rest to
+        prefill.  Evicts what the step does not need to make room; False when it cannot."""
+        keep = {s.slot for s in plan}
+        need = len(seq.tokens) + 1  # cells once its known tokens are in, plus the next one
+        if seq.snapshot is not None:
+            if not self._free_up(True, max(need, seq.snapshot.n_tokens), keep, wanted):
+                return False
+            slot = self._attach(seq)
+            if self._ctxmgr.restore(seq.snapshot, slot.seq_id):
+                seq.complete_from = self._restored(seq.complete_from, seq.snapshot.n_tokens)
+            else:
+                seq.n_past, seq.complete_from = 0, 0  # recompute (the text fallback)
+            seq.snapshot = None
+            return True
+        p, src = self._find_prefix(seq) if seq.n_past == 0 else (0, None)
+        if isinstance(src, _Slot) and src.cache is not None:  # take over an idle session's slot
+            if not self._free_up(False, need - src.cells, keep | {src}, wanted):
+                return False
+            llama_cpp.llama_memory_seq_rm(self._mem, src.seq_id, p, -1)
+            seq.complete_from = src.complete_from
+            src.cache = src.owner = None
+            self._attach(seq, src)
+        elif isinstance(src, _Slot):  # share the prefix of a busy sequence
+            if not self._free_up(True, need, keep | {src}, wanted):
+                return False
+            slot = self._attach(seq)
+            llama_cpp.llama_memory_seq_cp(self._mem, src.seq_id, slot.seq_id, 0, p)
+            seq.complete_from = src.floor()
+        elif isinstance(src, _Session):  # restore an evicted idle session, then cut it back to the prefix
+            if not self._free_up(True, max(need, len(src.tokens)), keep, wanted):
+                return False
+            self._sessions.remove(src)
+            slot = self._attach(seq)
+            if self._ctxmgr.restore(src.snapshot, slot.seq_id):
+                llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, p, -1)
+                seq.complete_from = self._restored(src.complete_from, len(src.tokens))
+            else:
+                p = 0
+        else:
+            if not self._free_up(True, need, keep, wanted):
+                return False
+            self._attach(seq)
+        seq.n_past = p
+        if p and seq.n_generated == 0:
+            seq.n_cached = p
             with self._lock:
-                req = self._policy.pop_next()
-                if req is None:
-                    return
-                req._state = RUNNING
-            try:
-                sampler = self._make_sampler(req.params)
-            except Exception:
-                log.exception("engine: creating a sampler failed")
-                sampler = None
-            if not sampler:
-                self._finish(req, "error", EngineError("EIO", "llama.cpp could not create a sampler"))
+                self._stats["cached_tokens"] += p
+                self._stats["prefix_hits"] += 1
+        return True
+
+    def _find_prefix(self, seq: _Seq) -> tuple[int, object]:
+        """The longest prefix of ``seq.tokens`` whose KV this engine holds for the same owner (any owner with
+        ``share_prefix``): ``(length, source)``, source an idle slot, a busy slot or an evicted session;
+        ``(0, None)`` below ``MIN_REUSE`` tokens.  Never the whole of ``tokens``: the last one must be computed
+        for its logits."""
+        limit = len(seq.tokens) - 1
+        owner = seq.req.owner
+        best, src = MIN_REUSE - 1, None
+        self._sessions = [s for s in self._sessions if not s.snapshot.dropped]
+        candidates = [(s, s.owner) for s in self._slots if s.cache is not None]  # cheapest source first
+        candidates += [(s, s.seq.req.owner) for s in self._slots if s.seq is not None and s.seq is not seq]
+        candidates += [(s, s.owner) for s in self._sessions]
+        for cand, cand_owner in candidates:
+            if cand_owner != owner and not self.share_prefix:
                 continue
-            seq = _Seq(req, heapq.heappop(self._free_slots), sampler, TextStream(req.params.stop))
-            self._active.append(seq)
+            if isinstance(cand, _Session):
+                tokens, floor = cand.tokens, self._restored(cand.complete_from, len(cand.tokens))
+            else:
+                tokens, floor = cand.kv_tokens(), cand.floor()
+            p = min(common_prefix(tokens, seq.tokens), limit)
+            if floor and p < floor + self._n_swa - 1:
+                continue  # the window of the first new token reaches below what the sliding layers hold
+            if p > best:
+                best, src = p, cand
+        return (best, src) if src is not None else (0, None)
 
-    def _make_sampler(self, p: SamplingParams):
-        """A new C sampler chain for ``p``: greedy when temperature is 0, else top_k, top_p, temp, dist(seed)."""
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if p.temperature == 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
-        if p.top_k > 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(p.top_k))
-        if p.top_p < 1:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
-        # 0xFFFFFFFF means "random" to llama.cpp, so seeds live in 0..2**32-2.
-        seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
-        return chain
+    def _restored(self, floor: int, n_tokens: int) -> int:
+        """The sliding-window floor of a sequence restored from a snapshot of ``n_tokens`` cells.
 
-    def _fill_batch(self) -> list[_Seq]:
-        """Fill the batch and return the sequences in it.
+        llama.cpp saves a sequence without the sliding-window layers' cells that its next token can no longer
+        see (positions below ``n_tokens - n_swa``).  Continuing the sequence is exact, but a prefix of it is
+        reusable only if the first new token's window stays above that floor: ``p >= floor + n_swa - 1``."""
+        return max(floor, n_tokens - self._n_swa) if self._n_swa else 0
 
-        First one row for every decoding sequence (its last sampled token, logits on), then chunks of prompts
-        still being prefilled, in admission order, until ``n_batch`` rows; a prompt's last token alone gets
-        logits.  Sets each sequence's ``n_queued`` (its rows) and ``row`` (where to sample; -1: not this step).
-        """
+    def _free_up(self, need_slot: bool, cells: int, keep: set, wanted: set) -> bool:
+        """Evict until a slot is free (if ``need_slot``) and ``cells`` more KV cells fit, never touching the
+        slots in ``keep``; False when nothing is left to evict."""
+        while True:
+            if (not need_slot or any(s.free for s in self._slots)) and self._kv_used() + cells <= self.kv_size:
+                return True
+            victim = self._victim(keep, wanted)
+            if victim is None:
+                return False
+            self._evict(victim)
+
+    def _victim(self, keep: set, wanted: set) -> _Slot | None:
+        """What to evict first: the oldest idle session, then the preempted sequence the policy does not want
+        now that ran least recently, then one it wants."""
+        cached = [s for s in self._slots if s.cache is not None and s not in keep]
+        if cached:
+            return min(cached, key=lambda s: s.stamp)
+        busy = [s for s in self._slots if s.seq is not None and s not in keep]
+        if busy:
+            return min(busy, key=lambda s: (s.seq.req in wanted, s.seq.last_ran))
+        return None
+
+    def _evict(self, slot: _Slot) -> None:
+        """Snapshot a slot's KV (kernel/context.py) and free the slot."""
+        if slot.seq is not None:
+            seq = slot.seq
+            seq.snapshot = self._ctxmgr.evict(slot.seq_id, seq.n_past)
+            if seq.snapshot is None:
+                seq.n_past = 0  # its tokens are recomputed on resume
+            seq.slot = slot.seq = None
+        else:
+            snap = self._ctxmgr.evict(slot.seq_id, len(slot.cache), droppable=True)
+            if snap is not None:
+                self._sessions.append(_Session(slot.owner, slot.cache, snap, slot.complete_from))
+            slot.cache = slot.owner = None
+
+    def _attach(self, seq: _Seq, slot: _Slot | None = None) -> _Slot:
+        slot = slot or next(s for s in self._slots if s.free)
+        slot.seq, seq.slot = seq, slot
+        return slot
+
+    def _clear_slot(self, slot: _Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.cache = slot.owner = None
+        slot.complete_from = 0
+        if slot.seq is not None:
+            slot.seq.slot = None
+            slot.seq = None
+
+    # -- one batch --
+
+    def _fit_step(self, plan: list[_Seq]) -> list[tuple[_Seq, int]]:
+        """The rows of this step, ``[(seq, n_tokens)]``: one for every decoding sequence, then prompt chunks
+        until ``n_batch``; evicting idle and preempted sequences, and then leaving the least preferred of the
+        plan out, until the step's new tokens fit the KV pool."""
+        while True:
+            rows, n = [], 0
+            for seq in plan:  # decoding sequences (one token to feed) first: every one gets its row
+                if len(seq.tokens) - seq.n_past == 1:
+                    rows.append((seq, 1))
+                    n += 1
+            for seq in plan:
+                left = len(seq.tokens) - seq.n_past
+                if left > 1 and n < self.n_batch:
+                    k = min(left, self.n_batch - n)
+                    rows.append((seq, k))
+                    n += k
+            if self._kv_used() + n <= self.kv_size or not plan:
+                return rows
+            victim = self._victim({s.slot for s in plan}, set())
+            if victim is not None:
+                self._evict(victim)
+            else:
+                plan.pop()  # stays resident (preempted); evictable on the next turn of this loop
+
+    def _fill_batch(self, rows: list[tuple[_Seq, int]]) -> None:
+        """Put the rows in the batch; a sequence's last known token alone gets logits (``seq.row``)."""
         n = 0
-        in_batch = []
-        for seq in self._active:
-            seq.row, seq.n_queued = -1, 0
-            if not seq.prefilling:
-                self._put(n, seq.sampled, seq.n_past, seq.seq_id, True)
-                seq.row, seq.n_queued = n, 1
-                n += 1
-                in_batch.append(seq)
-        for seq in self._active:
-            if not seq.prefilling or n == self.n_batch:
-                continue
-            prompt = seq.req.tokens
-            k = min(len(prompt) - seq.n_past, self.n_batch - n)
+        for seq, k in rows:
+            base, seq_id = seq.n_past, seq.slot.seq_id
             for j in range(k):
-                self._put(n + j, prompt[seq.n_past + j], seq.n_past + j, seq.seq_id, False)
+                self._put(n + j, seq.tokens[base + j], base + j, seq_id, False)
             n += k
             seq.n_queued = k
-            if seq.n_past + k == len(prompt):
+            if base + k == len(seq.tokens):
                 self._batch.logits[n - 1] = 1
                 seq.row = n - 1
-            in_batch.append(seq)
+            else:
+                seq.row = -1
         self._batch.n_tokens = n
-        return in_batch
 
     def _put(self, row: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
@@ -651,34 +997,43 @@ class Engine:
         b.seq_id[row][0] = seq_id
         b.logits[row] = logits
 
-    def _decode(self, in_batch: list[_Seq]) -> bool:
-        """Decode the batch.  On success advance every sequence's position and return True; on failure fail
-        the sequences in the batch with EIO (the engine goes on serving the others) and return False."""
+    def _decode(self, rows: list[tuple[_Seq, int]]) -> bool:
+        """Decode the batch.  On success advance every sequence, charge the policy and return True.  When the
+        KV pool has no room after all, evict and let the next step retry; on any other failure fail the
+        sequences in the batch with EIO (the engine goes on serving the others).  False: nothing to sample."""
         ret = llama_cpp.llama_decode(self._ctx, self._batch)
+        if ret == 1:  # no KV slot: the pool is fragmented or our count is off; make room, retry next step
+            log.warning("engine: llama_decode found no KV room for %d tokens; evicting", self._batch.n_tokens)
+            victim = self._victim(set(), set()) if len(rows) > 1 else None
+            if victim is not None:
+                self._evict(victim)
+                return False
         if ret != 0:
             log.error("llama_decode failed (%d) on a batch of %d tokens", ret, self._batch.n_tokens)
             err = EngineError("EIO", f"llama_decode failed ({ret}); the request was dropped, retry it")
-            for seq in in_batch:
+            for seq, _ in rows:
                 self._fail(seq, err)
             return False
         n_prompt = 0
-        for seq in in_batch:
-            if seq.prefilling:
-                n_prompt += seq.n_queued
-            seq.n_past += seq.n_queued
+        for seq, k in rows:
+            n_prompt += max(0, min(seq.n_past + k, len(seq.req.tokens)) - seq.n_past)
+            seq.n_past += k
+            seq.last_ran = self._step_no
         with self._lock:
             self._stats["steps"] += 1
             self._stats["prompt_tokens"] += n_prompt
+            for seq, k in rows:
+                self._policy.charge(seq.req, k)
         return True
 
-    def _sample(self, in_batch: list[_Seq]) -> None:
+    def _sample(self, rows: list[tuple[_Seq, int]]) -> None:
         """Sample the next token of every sequence that has logits this step, and retire the finished ones."""
         n_new = 0
-        for seq in in_batch:
+        for seq, _ in rows:
             if seq.row < 0:
                 continue
-            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
-            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            token = self._sample_one(seq)
+            if token < 0 or llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 self._complete(seq, "stop")
                 continue
             n_new += 1
@@ -686,12 +1041,55 @@ class Engine:
             self._chunk(seq, seq.text.feed(self._piece(token)))
             if seq.text.stopped:
                 self._complete(seq, "stop")
-            elif seq.n_generated >= seq.req.params.max_tokens or seq.n_past + 1 >= self.n_ctx_seq:
-                self._complete(seq, "length")  # n_past + 1: the prompt, the tokens fed, and this one
+            elif seq.n_generated >= seq.req.params.max_tokens or len(seq.tokens) + 1 >= self.n_ctx_seq:
+                self._complete(seq, "length")  # len + 1: the prompt, the tokens fed, and this one
             else:
-                seq.sampled = token
+                seq.tokens.append(token)
         with self._lock:
             self._stats["tokens_generated"] += n_new
+
+    def _sample_one(self, seq: _Seq) -> int:
+        """The next token from the sequence's row: its C sampler chain, constrained by its grammar if any."""
+        if seq.grammar is None:
+            return llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
+        # As llama.cpp's common_sampler: sample unconstrained, and only if the grammar rejects that token apply
+        # the grammar to the whole vocabulary (~50 ms for 262k tokens) and sample again.
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, seq.row), shape=(self._n_vocab,))
+        token = self._apply(seq.sampler, logits)
+        if token < 0 or not self._allows(seq.grammar, token):
+            token = self._apply(seq.sampler, logits, seq.grammar)
+        if token >= 0:
+            llama_cpp.llama_sampler_accept(seq.grammar, token)
+            llama_cpp.llama_sampler_accept(seq.sampler, token)
+        return token
+
+    def _allows(self, grammar, token: int) -> bool:
+        """Whether ``grammar`` accepts ``token`` next (it leaves a lone candidate's logit finite)."""
+        one = self._one
+        one["id"][0], one["logit"][0], one["p"][0] = token, 0.0, 0.0
+        single = llama_cpp.llama_token_data_array(one.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                                                  1, -1, False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(single))
+        return not math.isinf(single.data[0].logit)
+
+    def _apply(self, chain, logits, grammar=None) -> int:
+        """Apply ``grammar`` (if any) then ``chain`` to a candidate array of every token; the selected token, or
+        -1 when nothing is selectable."""
+        if self._cur is None:
+            self._cur = np.zeros(self._n_vocab, _TOKEN_DATA)
+            self._vocab_ids = np.arange(self._n_vocab, dtype=np.int32)
+        cur = self._cur
+        cur["id"] = self._vocab_ids
+        cur["logit"] = logits
+        cur["p"] = 0.0
+        arr = llama_cpp.llama_token_data_array(cur.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                                               self._n_vocab, -1, False)
+        if grammar is not None:
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size or math.isinf(arr.data[arr.selected].logit):
+            return -1
+        return int(arr.data[arr.selected].id)
 
     def _piece(self, token: int) -> bytes:
         """The bytes of ``token`` (control tokens render as nothing)."""
@@ -702,40 +1100,79 @@ class Engine:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return ctypes.string_at(buf, max(n, 0))
 
+    # -- retirement --
+
     def _chunk(self, seq: _Seq, text: str) -> None:
         if text and seq.req.stream and not seq.req._cancelled:
             self._emit(seq.req, "chunk", {"text": text})
 
     def _complete(self, seq: _Seq, reason: str) -> None:
-        """Retire a sequence that ended normally: flush its held-back text, free it, report done."""
+        """Retire a sequence that ended normally: flush its held-back text, keep its KV as its owner's cached
+        session, report done."""
         self._chunk(seq, seq.text.finish())
         if seq.text.stopped:
             reason = "stop"
-        self._release(seq)
-        usage = {"prompt_tokens": len(seq.req.tokens), "completion_tokens": seq.n_generated}
+        self._retire(seq, keep=self.session_cache)
+        usage = {"prompt_tokens": len(seq.req.tokens), "completion_tokens": seq.n_generated,
+                 "cached_tokens": seq.n_cached}
         self._finish(seq.req, "done", {"text": seq.text.text, "finish_reason": reason, "usage": usage})
 
     def _fail(self, seq: _Seq, err: EngineError) -> None:
         """Retire a sequence with an error."""
-        self._release(seq)
+        self._retire(seq, keep=False)
         self._finish(seq.req, "error", err)
 
-    def _release(self, seq: _Seq) -> None:
-        """Free a sequence's KV cells, sampler and slot."""
-        llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-        llama_cpp.llama_sampler_free(seq.sampler)
-        self._active.remove(seq)
-        heapq.heappush(self._free_slots, seq.seq_id)
+    def _retire(self, seq: _Seq, keep: bool) -> None:
+        """Release a sequence's slot -- as a cached session of its owner when ``keep``, else freed -- and its
+        snapshot."""
+        slot = seq.slot
+        if slot is not None:
+            slot.seq = seq.slot = None
+            if keep and seq.n_past >= MIN_REUSE:
+                slot.cache, slot.owner, slot.stamp = seq.tokens[: seq.n_past], seq.req.owner, time.monotonic()
+                slot.complete_from = seq.complete_from
+            else:
+                llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        if seq.snapshot is not None:
+            self._ctxmgr.discard(seq.snapshot)
+            seq.snapshot = None
+
+    def _reset(self, err: EngineError) -> None:
+        """After a failed step: fail every started request with ``err``, clear the KV cache and every snapshot.
+        Requests that never started stay queued."""
+        with self._lock:
+            started = [r for r in self._pending.values() if r._seq is not None]
+        for slot in self._slots:
+            slot.seq = slot.cache = slot.owner = None
+        try:
+            llama_cpp.llama_memory_clear(self._mem, True)
+        except Exception:
+            log.exception("engine: clearing the KV cache failed")
+        for sess in self._sessions:
+            self._ctxmgr.discard(sess.snapshot)
+        self._sessions.clear()
+        for req in started:
+            req._seq.slot = None
+            if req._seq.snapshot is not None:
+                self._ctxmgr.discard(req._seq.snapshot)
+                req._seq.snapshot = None
+            self._finish(req, "error", err)
+        self._running = set()
 
     def _finish(self, req: Request, kind: str, payload) -> None:
-        """Send a request's last event, once.  A cancelled request always reports ECANCELED, as ``cancel``
-        promised, even if it completed or failed meanwhile."""
+        """Send a request's last event, once, and free its samplers.  A cancelled request always reports
+        ECANCELED, as ``cancel`` promised, even if it completed or failed meanwhile."""
         with self._lock:
             if req._state == DONE:
                 return
             req._state = DONE
             del self._pending[req.id]
+            if req.key is not None and self._by_key.get(req.key) is req:
+                del self._by_key[req.key]
+            self._policy.remove(req)
             cancelled = req._cancelled
+        _free_samplers(req._sampler, req._grammar)
+        req._sampler = req._grammar = None
         if cancelled:
             kind, payload = "error", EngineError("ECANCELED", "the request was cancelled")
         self._emit(req, kind, payload)
@@ -745,3 +1182,93 @@ class Engine:
             self._sink(req, kind, payload)
         except Exception:  # the sink is the caller's; its failure must not stop the engine
             log.exception("engine sink failed on %s event of request %d", kind, req.id)
+
+
+def _free_samplers(*samplers) -> None:
+    for s in samplers:
+        if s:
+            llama_cpp.llama_sampler_free(s)
+
+
+class Engines:
+    """Several cores: one ``Engine`` per model, each with its own thread, context and scheduler.  Requests name
+    a model (``model=NAME``) or get the default one; an unknown name is ``ENOENT``.  The kernel talks to this
+    the way it would to one engine: cancelling an owner or a key reaches every engine."""
+
+    def __init__(self, engines: dict[str, Engine], default: str = DEFAULT_MODEL):
+        if default not in engines:
+            raise EngineError("EINVAL", f"default model {default!r} is not among {sorted(engines)}")
+        self._engines = dict(engines)
+        self.default = default
+
+    @classmethod
+    def from_config(cls, llm, models: dict, model_path: str, sink: Sink, swap_dir: str | None = None) -> "Engines":
+        """Engines for the kernel's config: ``default`` on ``model_path`` with the ``[llm]`` section ``llm``, and
+        one per ``[models.NAME]`` (``models``: name -> section with ``path`` and overrides, 0 = as ``[llm]``)."""
+        def make(name: str, path: str, over=None) -> Engine:
+            def pick(key):
+                value = getattr(over, key, 0) if over is not None else 0
+                return value or getattr(llm, key)
+            return Engine(path, sink, name=name, n_ctx_seq=pick("n_ctx_seq"), n_seq_max=pick("n_seq_max"),
+                          n_threads=llm.threads or None, n_batch=pick("n_batch"), policy=llm.scheduler,
+                          max_active=min(pick("max_active"), pick("n_seq_max")), kv_size=pick("kv_size") or None,
+                          rr_slice=llm.rr_slice, swap_ram_mb=llm.swap_ram_mb, swap_disk_mb=llm.swap_disk_mb,
+                          swap_dir=os.path.join(swap_dir, name) if swap_dir else None, snapshots=llm.snapshots,
+                          share_prefix=llm.share_prefix)
+
+        engines = {DEFAULT_MODEL: make(DEFAULT_MODEL, model_path)}
+        for name, section in models.items():
+            engines[name] = make(name, section.path, section)
+        return cls(engines, llm.default_model or DEFAULT_MODEL)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._engines)
+
+    @property
+    def model_name(self) -> str:
+        """The default model file's basename, and the other models' names (for logs)."""
+        others = [n for n in self._engines if n != self.default]
+        main = self._engines[self.default].model_name
+        return main + (f" (+ models {', '.join(others)})" if others else "")
+
+    def get(self, model: str | None = None) -> Engine:
+        """The engine serving ``model`` (None: the default); ``EngineError("ENOENT")`` for an unknown name."""
+        engine = self._engines.get(self.default if model is None else model)
+        if engine is None:
+            raise EngineError("ENOENT", f"no model named {model!r}; this kernel serves {', '.join(self._engines)}")
+        return engine
+
+    def start(self) -> None:
+        """Start every engine; if one fails, close them all and raise its error."""
+        try:
+            for engine in self._engines.values():
+                engine.start()
+        except EngineError:
+            self.close()
+            raise
+
+    def tokenize(self, text: str, *, model: str | None = None, **kw) -> list[int]:
+        return self.get(model).tokenize(text, **kw)
+
+    def render_chat(self, messages: list[dict], *, model: str | None = None) -> str:
+        return self.get(model).render_chat(messages)
+
+    def submit(self, prompt, params: SamplingParams, *, model: str | None = None, **kw) -> Request:
+        return self.get(model).submit(prompt, params, **kw)
+
+    def cancel(self, request: Request) -> bool:
+        return self._engines[request.model].cancel(request)
+
+    def cancel_key(self, key) -> bool:
+        return any(engine.cancel_key(key) for engine in self._engines.values())
+
+    def cancel_owner(self, owner) -> int:
+        return sum(engine.cancel_owner(owner) for engine in self._engines.values())
+
+    def stats(self) -> dict:
+        return {name: engine.stats() for name, engine in self._engines.items()}
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()

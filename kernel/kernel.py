@@ -20,7 +20,7 @@ import msgspec
 import zmq
 
 from kernel.config import Config
-from kernel.engine import Engine, EngineError, SamplingParams
+from kernel.engine import EngineError, Engines, SamplingParams
 from kernel.proc import Proc, ProcTable, State
 from kernel.router import Call, Router
 from kernel.resources import RateBucket, ResourceManager, check_tokens, effective_limits
@@ -48,14 +48,18 @@ class Kernel:
         self.endpoint = codec.endpoint(str(self.runtime_dir))
         self.pidfile = self.runtime_dir / "aiosd.pid"
         self.procs = ProcTable(self.runtime_dir, self.endpoint, config.kernel.max_procs)
-        self.engine: Engine | None = None
+        self.engine: Engines | None = None
         self.router: Router | None = None
         self._events: collections.deque = collections.deque()
         self._followers: dict[int, list[Call]] = {}
         self._pipe_owner: dict[int, Proc] = {}
         self._stop_reason: str | None = None
+        self.started_at = time.time()
         self.resources = ResourceManager()
-        self.host = Host(self.runtime_dir, [str(self.state_dir), str(Path(model_path).absolute().parent)])
+        sb = config.sandbox
+        self.host = Host(self.runtime_dir, [str(self.state_dir), str(Path(model_path).absolute().parent)],
+                         uid_base=sb.uid_base, uid_count=sb.uid_count, cpu_quota=sb.cpu_quota or None,
+                         extra_read=list(sb.extra_read), use_uids=sb.uids, use_cgroups=sb.cgroups)
         self._reservations: dict[int, tuple[Proc, int]] = {}
 
     # --- start-up ------------------------------------------------------------------------------------
@@ -84,10 +88,9 @@ class Kernel:
         """Everything up to serving: runtime dir, model, socket, pidfile.  Raises KernelError."""
         self._prepare_runtime_dir()
         become_subreaper()
-        llm = self.config.llm
-        self.engine = Engine(self.model_path, self._on_engine_event, n_ctx_seq=llm.n_ctx_seq,
-                             n_seq_max=llm.n_seq_max, n_threads=llm.threads or None, n_batch=llm.n_batch)
         try:
+            self.engine = Engines.from_config(self.config.llm, self.config.models, self.model_path,
+                                              self._on_engine_event, swap_dir=str(self.runtime_dir / "swap"))
             self.engine.start()
         except EngineError as exc:
             raise KernelError(f"cannot load the model {self.model_path}: {exc}") from None
@@ -106,6 +109,8 @@ class Kernel:
         self.poller.register(self._wake_r, zmq.POLLIN)
         self.poller.register(self._sig_r.fileno(), zmq.POLLIN)
         self.pidfile.write_text(str(os.getpid()))
+        for layer, status in self.host.capabilities().items():
+            log.info("sandbox layer %s: %s", layer, status)
         log.info("serving %s with model %s (pid %d)", self.endpoint, self.engine.model_name, os.getpid())
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -132,6 +137,15 @@ class Kernel:
                     self._read_output(what)
         self.shutdown()
 
+    def status(self) -> dict:
+        """sys.status: what this kernel is and has (docs/abi.md 4)."""
+        live = self.procs.live()
+        return {
+            "pid": os.getpid(), "uptime_s": time.time() - self.started_at, "runtime_dir": str(self.runtime_dir),
+            "procs": {"live": len(live), "total": len(self.procs.all())},
+            "sandbox": self.host.capabilities(), "llm": self.engine.stats(),
+        }
+
     def request_shutdown(self, reason: str) -> None:
         if self._stop_reason is None:
             log.info("shutting down: %s", reason)
@@ -145,6 +159,7 @@ class Kernel:
         while self.procs.live() and time.monotonic() < deadline:
             time.sleep(0.01)
             self._reap()
+        self.host.close()
         if self.engine is not None:
             self.engine.close()
             self._drain_engine_events()
@@ -202,10 +217,15 @@ class Kernel:
         self.engine.cancel_owner(proc.id)
 
     def _enforce_limits(self) -> None:
-        """Kill every agent over a limit (its whole group), recording why; others are untouched."""
-        for proc, reason in self.resources.sweep(self.procs.live()):
+        """Kill every agent over a limit (its whole group), recording why; others are untouched.  Once a
+        second, also kill orphans: processes an agent left behind, adopted by the kernel as subreaper."""
+        live = self.procs.live()
+        for proc, reason in self.resources.sweep(live):
             log.warning("agent %d (%s): %s", proc.id, proc.name, reason)
             self.kill(proc, reason)
+        if self.resources.disk_swept:
+            for pid in self.host.kill_orphans({p.pid for p in live}):
+                log.warning("killed orphan pid %d left behind by an agent", pid)
 
     def _read_output(self, fd: int) -> None:
         proc = self._pipe_owner.get(fd)
@@ -248,6 +268,8 @@ class Kernel:
             proc.output.close()
             proc.popen.stdout = proc.popen.stderr = None  # closed above, by fd
             shutil.rmtree(proc.scratch, ignore_errors=True)
+            if proc.state is State.KILLED and proc.kill_reason is None:  # e.g. the cgroup OOM killer
+                proc.reason = self.host.death_reason(proc.id) or proc.reason
             self.host.release(proc.id)
             self.engine.cancel_owner(proc.id)
             self.router.forget(proc)
@@ -272,13 +294,16 @@ class Kernel:
         The caller's token quota is checked and reserved here (EDQUOT), and max_tokens clamped to what is left.
         """
         proc = call.caller.proc
+        group = self.config.groups.get(call.caller.group)
         try:
-            tokens = self.engine.tokenize(prompt)
+            tokens = self.engine.tokenize(prompt, model=args.model)
             max_tokens = check_tokens(proc, len(tokens), args.max_tokens) if proc else args.max_tokens
             params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, seed=args.seed, stop=list(args.stop))
-            request = self.engine.submit(tokens, params, owner=proc.id if proc else None, tag=call,
-                                         stream=args.stream)
+                                    top_p=args.top_p, seed=args.seed, stop=list(args.stop),
+                                    json_schema=args.json_schema)
+            request = self.engine.submit(tokens, params, model=args.model, owner=proc.id if proc else None,
+                                         tag=call, stream=args.stream, priority=group.priority if group else 0,
+                                         key=(call.routing_id, call.rid))
         except EngineError as exc:
             raise error_for(exc.code, str(exc)) from None
         if proc is not None:

@@ -145,6 +145,7 @@ class ResourceManager:
         self.period = period
         self._next = 0.0
         self._next_disk = 0.0
+        self.disk_swept = False  # did the last sweep include the once-a-second checks?
 
     def due(self) -> bool:
         return time.monotonic() >= self._next
@@ -153,7 +154,7 @@ class ResourceManager:
         """(proc, reason) for each live agent over a limit; records the sample as ``proc.usage_sample``."""
         now = time.monotonic()
         self._next = now + self.period
-        with_disk = now >= self._next_disk
+        with_disk = self.disk_swept = now >= self._next_disk
         if with_disk:
             self._next_disk = now + DISK_EVERY_S
         over = []

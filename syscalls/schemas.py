@@ -5,7 +5,7 @@ sees well-formed arguments.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -63,6 +63,8 @@ StopT = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta
 
 
 class _Sampling(Args, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=64)] | None = None  # None: the default model
+    json_schema: dict[str, Any] | None = None  # constrain the output to JSON matching this schema
     max_tokens: Annotated[int, Meta(ge=1, le=4096)] = 128
     temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
     top_k: Annotated[int, Meta(ge=0)] = 40
@@ -83,3 +85,7 @@ class Message(Args):
 
 class Chat(_Sampling, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1, max_length=256)]
+
+
+class Cancel(Args):
+    id: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]  # the request id of the caller's own llm.generate / llm.chat

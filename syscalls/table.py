@@ -55,6 +55,10 @@ def sys_shutdown(k, call, args: S.NoArgs):
     return {"ok": True}
 
 
+def sys_status(k, call, args: S.NoArgs):
+    return k.status()
+
+
 def proc_self(k, call, args: S.NoArgs):
     return call.caller.record()
 
@@ -98,8 +102,13 @@ def llm_generate(k, call, args: S.Generate):
 
 def llm_chat(k, call, args: S.Chat):
     messages = [{"role": m.role, "content": m.content} for m in args.messages]
-    k.llm_submit(call, k.engine.render_chat(messages), args)
+    k.llm_submit(call, k.engine.render_chat(messages, model=args.model), args)
     return DEFERRED
+
+
+def llm_cancel(k, call, args: S.Cancel):
+    # Keyed by the caller's connection: a caller can only ever name its own requests.
+    return {"cancelled": k.engine.cancel_key((call.routing_id, args.id))}
 
 
 TABLE: dict[str, Syscall] = {
@@ -107,6 +116,7 @@ TABLE: dict[str, Syscall] = {
     for s in (
         Syscall("sys.ping", sys_ping, S.NoArgs, BASIC),
         Syscall("sys.shutdown", sys_shutdown, S.NoArgs, ADMIN),
+        Syscall("sys.status", sys_status, S.NoArgs, ADMIN),
         Syscall("proc.self", proc_self, S.NoArgs, BASIC),
         Syscall("proc.ready", proc_ready, S.Ready, BASIC),
         Syscall("proc.list", proc_list, S.NoArgs, PROC),
@@ -115,5 +125,6 @@ TABLE: dict[str, Syscall] = {
         Syscall("proc.logs", proc_logs, S.Logs, PROC),
         Syscall("llm.generate", llm_generate, S.Generate, LLM),
         Syscall("llm.chat", llm_chat, S.Chat, LLM),
+        Syscall("llm.cancel", llm_cancel, S.Cancel, LLM),
     )
 }

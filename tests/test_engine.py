@@ -1,8 +1,10 @@
 """The LLM engine (kernel/engine.py) in-process, with the real model (conftest's ``model_path``): generation,
-batching, streaming, stop sequences, sampling, cancellation, queueing, limits and errors as docs/abi.md
-section 4 (llm.generate) states."""
+batching, streaming, stop sequences, sampling, JSON-schema-constrained output, cancellation, queueing, limits
+and errors as docs/abi.md section 4 (llm.generate) states; then llm.cancel, json_schema and model through the
+real kernel and real agent processes."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -11,8 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agentproc.errors import ENOENT
 from kernel import engine as engine_mod
-from kernel.engine import Engine, EngineError, SamplingParams, TextStream
+from kernel.engine import Engine, EngineError, Engines, SamplingParams, TextStream
+from tests.conftest import TEST_CONFIG, KernelProc
 
 N_SEQ_MAX = 4
 N_CTX_SEQ = 1024
@@ -80,7 +84,9 @@ def engine(sink, model_path):
 
 
 def submit(engine, sink, prompt, stream=False, owner=None, **params):
-    req = engine.submit(prompt, SamplingParams(**params), stream=stream, owner=owner)
+    """Submit as ``owner``; by default a new owner each time, so that no request reuses another's cached prefix
+    (prefix reuse changes the shape of the prefill, see kernel/engine.py's docstring)."""
+    req = engine.submit(prompt, SamplingParams(**params), stream=stream, owner=owner if owner else object())
     return req, sink.outcome(req)
 
 
@@ -108,7 +114,7 @@ def test_greedy_generation_stops_at_max_tokens_with_usage(engine, sink):
     assert out.text.strip()
     assert out.done["finish_reason"] == "length"
     assert out.done["usage"] == {"prompt_tokens": len(engine.tokenize("The capital of France is")),
-                                 "completion_tokens": 8}
+                                 "completion_tokens": 8, "cached_tokens": 0}
     assert engine.tokenize("The capital of France is")[0] == engine.tokenize("")[0]  # BOS first
 
 
@@ -163,7 +169,7 @@ def test_generation_ends_with_length_at_the_end_of_the_sequence_context(engine, 
     prompt = engine.tokenize("") + [word] * (N_CTX_SEQ - 2)  # one token short of the per-sequence context
     out = generate(engine, sink, prompt, max_tokens=100)
     assert out.done["finish_reason"] == "length"
-    assert out.done["usage"] == {"prompt_tokens": N_CTX_SEQ - 1, "completion_tokens": 1}
+    assert out.done["usage"] == {"prompt_tokens": N_CTX_SEQ - 1, "completion_tokens": 1, "cached_tokens": 0}
 
 
 # ---- scheduling, cancellation ---------------------------------------------------------------------------------
@@ -356,3 +362,103 @@ def test_text_stream_decodes_utf8_split_across_tokens():
     assert "".join(chunks) == "é日" and all("\ufffd" not in c for c in chunks)
     broken = TextStream([])
     assert "".join(feed_all(broken, [b"a", "日".encode()[:2]])) == "a\ufffd"
+
+
+# ---- JSON-schema-constrained output, several models ------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+
+
+def check_person(text: str) -> None:
+    doc = json.loads(text)
+    assert set(doc) == {"name", "age"}, doc
+    assert isinstance(doc["name"], str) and len(doc["name"]) <= 24
+    assert isinstance(doc["age"], int) and not isinstance(doc["age"], bool)
+
+
+def test_json_schema_constrains_the_output(engine, sink):
+    free = generate(engine, sink, "Here is a person:", max_tokens=24).text
+    with pytest.raises(ValueError):
+        json.loads(free)  # unconstrained, the model does not write this JSON by itself: the grammar did
+    out = generate(engine, sink, "Here is a person:", max_tokens=64, json_schema=PERSON)
+    check_person(out.text)
+    assert out.done["finish_reason"] == "stop"  # the grammar completed, then only end-of-generation was allowed
+    seeded = generate(engine, sink, "A person:", max_tokens=64, json_schema=PERSON, temperature=1.0, seed=3)
+    check_person(seeded.text)
+
+
+def test_an_unusable_json_schema_is_einval(engine):
+    for schema in ({"type": "nonsense"}, {"$ref": "#/missing"}, ["not", "a", "map"]):
+        with pytest.raises(EngineError) as err:
+            engine.submit("x", SamplingParams(json_schema=schema))
+        assert err.value.code == "EINVAL" and "json_schema" in str(err.value)
+
+
+def test_engines_route_by_model_name(engine, sink):
+    engines = Engines({"default": engine, "other": engine})
+    req = engines.submit("January, February,", SamplingParams(max_tokens=3), model="other", owner=object())
+    assert wait(sink.outcome(req)).done["usage"]["completion_tokens"] == 3
+    assert engines.get(None) is engine and engines.tokenize("x", model="other") == engine.tokenize("x")
+    with pytest.raises(EngineError) as err:
+        engines.submit("x", SamplingParams(), model="gpt-5")
+    assert err.value.code == "ENOENT" and "default, other" in str(err.value)
+
+
+# ---- through the kernel and real agents (docs/abi.md 4: llm.cancel, json_schema, model) -------------------------
+
+
+def test_an_agent_cancels_its_own_generation_with_llm_cancel(kernel):
+    rec, out = kernel.run("""
+        from agentproc.client import default
+        c = default()
+        rid = c.send("llm.generate", {"prompt": "Write a very long story:", "max_tokens": 2000, "stream": True})
+        print("FIRST", "seq" in c.next_message(rid))
+        print("CANCEL", c.call("llm.cancel", {"id": rid})["cancelled"])
+        msg = c.next_message(rid)
+        while "seq" in msg:
+            msg = c.next_message(rid)
+        print("REPLY", msg["ok"], msg["error"]["code"])
+        print("AGAIN", c.call("llm.cancel", {"id": rid})["cancelled"])
+        print("DONE", c.call("llm.generate", {"prompt": "Hi", "max_tokens": 2})["usage"]["completion_tokens"])
+    """)
+    assert rec["exit_status"] == 0, out
+    assert "FIRST True" in out and "CANCEL True" in out and "REPLY False ECANCELED" in out
+    assert "AGAIN False" in out and "DONE 2" in out
+    # Requests are named per connection: nobody else can cancel them, and an unknown id cancels nothing.
+    assert kernel.client.call("llm.cancel", {"id": 1}) == {"cancelled": False}
+
+
+def test_an_agent_gets_json_matching_its_schema(kernel):
+    rec, out = kernel.run(f"""
+        import json
+        from agentproc import llm
+        c = llm.generate("Here is a person:", json_schema={PERSON!r}, max_tokens=64)
+        print("JSON", json.dumps(c.text), c.finish_reason, c.usage["completion_tokens"])
+        try:
+            llm.generate("x", json_schema={{"type": "nonsense"}})
+        except Exception as exc:
+            print("BAD", type(exc).__name__)
+    """)
+    assert rec["exit_status"] == 0, out
+    line = out.split("JSON ", 1)[1].splitlines()[0]
+    text, reason = json.JSONDecoder().raw_decode(line)[0], line.rsplit(" ", 2)[1]
+    check_person(text)
+    assert reason == "stop" and "BAD EINVAL" in out
+
+
+def test_a_second_model_is_served_by_name(tmp_path, model_path):
+    config = TEST_CONFIG + f'\n[models.second]\npath = "{model_path}"\nn_seq_max = 2\n'
+    k = KernelProc(tmp_path, config)
+    try:
+        args = {"prompt": "January, February, March,", "max_tokens": 6}
+        second = k.client.call("llm.generate", dict(args, model="second"))
+        default = k.client.call("llm.generate", dict(args, model="default"))
+        assert second["text"] == default["text"] and "April" in second["text"]
+        chat = k.client.call("llm.chat", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                                          "model": "second"})
+        assert chat["usage"]["completion_tokens"] >= 1
+        with pytest.raises(ENOENT, match="default, second"):
+            k.client.call("llm.generate", dict(args, model="third"))
+    finally:
+        k.stop()
