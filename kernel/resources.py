@@ -78,14 +78,28 @@ def check_tokens(proc, prompt_tokens: int, max_tokens: int) -> int:
     return min(max_tokens, left - prompt_tokens)
 
 
-def sample(proc, with_disk: bool) -> Usage:
-    """Account the agent's whole process tree (its process group's leader and all descendants)."""
+def children_map() -> dict[int, list[int]]:
+    """ppid -> child pids for every process, from one scan of /proc (psutil's ``children()`` scans all of
+    /proc per call: once per agent per sweep would cost the kernel's main thread O(agents x processes))."""
+    kids: dict[int, list[int]] = {}
+    for p in psutil.process_iter(["ppid"]):
+        ppid = p.info["ppid"]
+        if ppid is not None:
+            kids.setdefault(ppid, []).append(p.pid)
+    return kids
+
+
+def sample(proc, with_disk: bool, kids: dict[int, list[int]]) -> Usage:
+    """Account the agent's whole process tree (it and all its descendants, found in ``kids``)."""
     u = Usage()
-    try:
-        top = psutil.Process(proc.pid)
-        tree = [top] + top.children(recursive=True)
-    except psutil.Error:
-        return u
+    pids, tree = [proc.pid], []
+    while pids:
+        pid = pids.pop()
+        try:
+            tree.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+        pids.extend(kids.get(pid, ()))
     for p in tree:
         try:
             with p.oneshot():
@@ -159,8 +173,9 @@ class ResourceManager:
             self._next_disk = now + DISK_EVERY_S
         over = []
         wall = time.time()
+        kids = children_map() if procs else {}
         for proc in procs:
-            u = sample(proc, with_disk)
+            u = sample(proc, with_disk, kids)
             if not with_disk and proc.usage_sample is not None:
                 u.disk_mb = proc.usage_sample.disk_mb
             proc.usage_sample = u
