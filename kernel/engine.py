@@ -263,6 +263,7 @@ class _Seq:
     slot: "_Slot | None" = None
     snapshot: Snapshot | None = None
     last_ran: int = 0  # the step it last ran in
+    turn: int = 0  # tokens sampled since it last became resident
     n_queued: int = 0  # tokens of this sequence in the current batch
     row: int = -1  # batch row whose logits to sample this step; -1: nothing to sample
 
@@ -754,6 +755,14 @@ class Engine:
         self._take_cancellations()
         with self._lock:
             order = self._policy.pick(self.max_active, self._running)
+            # A minimum quantum, whatever the policy says: a sequence made resident runs until it has sampled a
+            # token, so that a preemption can never undo a prefill before it bore fruit (a text eviction would
+            # recompute it, again and again).
+            unfinished = [r for r in self._running if r._state == RUNNING and not r._cancelled
+                          and r._seq.slot is not None and r._seq.turn == 0]
+        if unfinished:
+            unfinished.sort(key=lambda r: r.id)
+            order = (unfinished + [r for r in order if r not in set(unfinished)])[: self.max_active]
         plan = self._plan(order)
         rows = self._fit_step(plan)
         self._running = {seq.req for seq, _ in rows}
@@ -847,7 +856,9 @@ class Engine:
                 return False
             self._sessions.remove(src)
             slot = self._attach(seq)
-            if self._ctxmgr.restore(src.snapshot, slot.seq_id):
+            if src.snapshot.dropped:  # making room dropped it: prefill after all
+                p = 0
+            elif self._ctxmgr.restore(src.snapshot, slot.seq_id):
                 llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, p, -1)
                 seq.complete_from = self._restored(src.complete_from, len(src.tokens))
             else:
@@ -937,6 +948,7 @@ class Engine:
     def _attach(self, seq: _Seq, slot: _Slot | None = None) -> _Slot:
         slot = slot or next(s for s in self._slots if s.free)
         slot.seq, seq.slot = seq, slot
+        seq.turn = 0
         return slot
 
     def _clear_slot(self, slot: _Slot) -> None:
@@ -1033,6 +1045,7 @@ class Engine:
             if seq.row < 0:
                 continue
             token = self._sample_one(seq)
+            seq.turn += 1
             if token < 0 or llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 self._complete(seq, "stop")
                 continue
