@@ -18,6 +18,7 @@ P6  p99 latency of short requests (8 tokens) sent one after another by one agent
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -136,6 +137,11 @@ class BareLoop:
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.n_batch = n_batch
 
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
     def tokenize(self, text: str) -> list[int]:
         data = text.encode()
         buf = (llama_cpp.llama_token * (len(data) + 8))()
@@ -237,21 +243,10 @@ def p1_p2(model_path: str) -> tuple[dict, dict]:
 
 
 def p5(model_path: str) -> dict:
-    _backend_init()
-    mp = llama_cpp.llama_model_default_params()
-    mp.use_extra_bufts = False
-    model = llama_cpp.llama_model_load_from_file(model_path.encode(), mp)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    cp = llama_cpp.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 2 * 2048, 512, 512, 2
-    cp.n_threads = cp.n_threads_batch = os.cpu_count() or 1
-    cp.kv_unified, cp.swa_full, cp.no_perf = True, True, True
-    ctx = llama_cpp.llama_init_from_model(model, cp)
-    mem = llama_cpp.llama_get_memory(ctx)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
-    text = ("The history of the city goes back two thousand years, to a fishing village on the river. " * 80).encode()
-    buf = (llama_cpp.llama_token * (len(text) + 8))()
-    tokens = buf[: llama_cpp.llama_tokenize(vocab, text, len(text), buf, len(buf), True, True)][:P5_TOKENS]
+    loop = BareLoop(model_path, n_seq=2, n_ctx_seq=2048)  # the engine's context settings
+    ctx, mem, batch = loop.ctx, loop.mem, loop.batch
+    text = "The history of the city goes back two thousand years, to a fishing village on the river. " * 80
+    tokens = loop.tokenize(text)[:P5_TOKENS]
     swap = tempfile.mkdtemp(prefix="aiosd-bench-swap-")
     ram = ContextManager(ram_budget=256 * MB)
     disk = ContextManager(ram_budget=0, disk_budget=256 * MB, swap_dir=swap)
@@ -283,9 +278,8 @@ def p5(model_path: str) -> dict:
             assert cm.restore(snap, 0)
             r[f"restore_{name}_s"] = time.perf_counter() - t
         rows.append(r)
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
+    loop.close()
+    shutil.rmtree(swap, ignore_errors=True)
     res = {"tokens": len(tokens), "rounds": P5_ROUNDS, "snapshot_mb": rows[0]["snapshot_bytes"] / MB,
            "goal_ratio": 100.0}
     for key in ("prefill_s", "evict_ram_s", "restore_ram_s", "evict_disk_s", "restore_disk_s"):

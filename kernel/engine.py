@@ -82,6 +82,7 @@ DEFAULT_MODEL = "default"  # the name of the model a request gets when it names 
 # itself would silently use ChatML, whose markers such a model has never seen.
 BUILTIN_CHAT_TEMPLATES = {"gemma": b"gemma", "gemma2": b"gemma", "gemma3": b"gemma", "gemma3n": b"gemma"}
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+_REQUEST_IDS = itertools.count(1)  # shared by every engine: a request id names one request in the process
 
 
 class EngineError(Exception):
@@ -156,7 +157,7 @@ WAITING, RUNNING, DONE = "waiting", "running", "done"
 
 class Request:
     """One generation, created by ``Engine.submit``.  The caller treats it as an opaque handle: ``id`` is unique
-    per engine; ``owner``, ``tag``, ``key`` and ``priority`` are what the caller passed (``tag`` comes back
+    in the process (across engines); ``owner``, ``tag``, ``key`` and ``priority`` are what the caller passed (``tag`` comes back
     untouched in events); ``model`` names the engine that serves it."""
 
     __slots__ = ("id", "owner", "tag", "key", "stream", "params", "tokens", "priority", "model", "_state",
@@ -415,7 +416,6 @@ class Engine:
         self._cancels: list[Request] = []  # cancelled, not yet reported by the engine thread
         self._forget: list[object] = []  # owners whose cached sessions the engine thread must drop
         self._closed = False
-        self._ids = itertools.count(1)
         self._stats = {"active": 0, "steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "cached_tokens": 0,
                        "prefix_hits": 0, "resident": 0, "cached_sessions": 0}
 
@@ -552,7 +552,7 @@ class Engine:
             with self._lock:
                 if self._closed:
                     raise EngineError("ECANCELED", "the engine is shutting down")
-                req = Request(next(self._ids), tokens, params, owner, tag, bool(stream), int(priority), key,
+                req = Request(next(_REQUEST_IDS), tokens, params, owner, tag, bool(stream), int(priority), key,
                               self.name)
                 req._sampler, req._grammar = sampler, grammar
                 self._pending[req.id] = req
