@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import msgpack
 import zmq
 
-from syscalls.address import ABI_VERSION, default_runtime_dir, endpoint
+from syscalls.address import ABI_VERSION, default_runtime_dir, endpoint, operator_routing_id
 from syscalls.errors import EPROTO, ETIMEDOUT, error_for
 
 # The SDK speaks the wire format with msgpack: agents import this on every start, and msgspec (the kernel's
@@ -34,7 +34,8 @@ _default: "Client | None" = None
 
 class Client:
     """A connection to the kernel.  ``timeout`` (seconds, None = wait forever) bounds every wait for an answer;
-    a wait that runs out raises ETIMEDOUT."""
+    a wait that runs out raises ETIMEDOUT.  Without ``routing_id`` the client presents the operator credential
+    when it can read it (the kernel's user; docs/abi.md section 1); an agent's bootstrap passes its own."""
 
     def __init__(self, endpoint: str, *, routing_id: bytes | None = None, timeout: float | None = None):
         self.endpoint = endpoint
@@ -42,6 +43,8 @@ class Client:
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if routing_id is None:
+            routing_id = operator_routing_id(endpoint)
         if routing_id is not None:
             self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
         self.sock.connect(endpoint)

@@ -20,6 +20,8 @@ import time
 import msgpack
 import zmq
 
+from syscalls.address import operator_routing_id
+
 from bench.common import median, pct, save, start_kernel
 
 ROUNDS = 9
@@ -57,6 +59,9 @@ def _ping_round(sock, n: int) -> list[float]:
 def _dealer(ctx, endpoint):
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    rid = operator_routing_id(endpoint)  # the kernel's operator credential; None for the raw echo server
+    if rid is not None:
+        s.setsockopt(zmq.ROUTING_ID, rid)
     s.connect(endpoint)
     return s
 

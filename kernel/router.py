@@ -1,36 +1,60 @@
-"""The syscall router: one frame in, one path through.  decode -> identify -> authorise -> dispatch.
+"""The syscall router: one frame in, one path through.  identify -> charge -> decode -> authorise -> dispatch.
 
-The router owns the kernel's ROUTER socket.  For every frame it decodes the envelope (``syscalls.codec``),
-identifies the caller from the connection's ``Peer-Address`` (SO_PEERCRED: uid, gid, pid) and routing id --
-never from the payload -- checks the syscall's privilege against the caller's group, decodes the arguments
+The router owns the kernel's ROUTER socket.  For every frame it identifies the caller from the connection's
+``Peer-Address`` (SO_PEERCRED: uid, gid, pid) and routing id -- never from the payload --, charges the frame
+to the caller's syscall rate (before decoding it, so that garbage is not free), decodes the envelope
+(``syscalls.codec``), checks the syscall's privilege against the caller's group, decodes the arguments
 against the syscall's schema, and calls the handler from ``syscalls.table``.  Whatever an agent sends, the
 worst outcome is an error reply to that agent.
+
+Identity fails closed (docs/design.md, "Identity"): a routing id the kernel handed an agent names that agent
+for the agent's whole life and is refused after it (what an ended agent left queued is dropped unread); an
+operator must present the operator credential *and* be a live process of the kernel's uid (or root) that does
+not descend from the kernel; anything else is refused.
 """
 from __future__ import annotations
 
+import errno
+import hmac
 import logging
 import os
+import select
 import time
 
 import zmq
 
 from kernel.resources import charge_syscall
 from syscalls import codec
+from syscalls.address import OPERATOR_PREFIX
 from syscalls.codec import RequestError
-from syscalls.errors import EACCES, EIO, ENOSYS, EPERM, EPROTO, SyscallError
+from syscalls.errors import EACCES, ENOSYS, EPERM, SyscallError
 from syscalls.table import DEFERRED, TABLE
 
 log = logging.getLogger("aiosd.router")
+
+# Per peer, in messages (libzmq counts them per connection): answers queued for a peer that does not read, and
+# requests queued before the kernel reads them.  With answers bounded in size (docs/abi.md 7) this bounds
+# what a peer can make the kernel hold.
+ANSWER_HWM = 256
+REQUEST_HWM = 64
+STALL_S = 1.0  # a peer whose answer queue overflowed is not served for this long (its frames are dropped)
+MAX_CACHED_CALLERS = 4096
+
+
+class _Drop(Exception):
+    """A frame to drop unanswered: from an agent that has ended, or from a peer that does not read."""
 
 
 class Caller:
     """Who made a syscall, as established from the connection.  ``proc`` is None for operators."""
 
-    __slots__ = ("pid", "uid", "gid", "proc", "group", "privileges")
+    __slots__ = ("pid", "uid", "gid", "proc", "group", "privileges", "stalled_until", "dropped")
 
     def __init__(self, pid: int, uid: int, gid: int, proc, group: str, privileges: frozenset):
         self.pid, self.uid, self.gid, self.proc = pid, uid, gid, proc
         self.group, self.privileges = group, privileges
+        self.stalled_until = 0.0  # monotonic time until which its frames are dropped
+        self.dropped = 0  # answers and requests dropped because it did not read
 
     def describe(self) -> str:
         if self.proc is None:
@@ -44,29 +68,36 @@ class Caller:
 
 
 class Call:
-    """One request in flight: answers go back to the connection it came from, chunks numbered from 0."""
+    """One request in flight: answers go back to the connection it came from, chunks numbered from 0.
+    ``reserved`` is the LLM tokens reserved for it against its caller's quota (kernel.llm_submit)."""
 
-    __slots__ = ("router", "rid", "routing_id", "caller", "seq", "done")
+    __slots__ = ("router", "rid", "routing_id", "caller", "seq", "done", "reserved")
 
     def __init__(self, router: "Router", rid: int, routing_id: bytes, caller: Caller):
         self.router, self.rid, self.routing_id, self.caller = router, rid, routing_id, caller
         self.seq = 0
         self.done = False
+        self.reserved = 0
+
+    @property
+    def key(self) -> tuple[bytes, int]:
+        """What names this request for ``llm.cancel``: the caller's connection and its request id."""
+        return self.routing_id, self.rid
 
     def chunk(self, data) -> None:
         if not self.done:
-            self.router.send(self.routing_id, codec.chunk(self.rid, self.seq, data))
+            self.router.send(self.routing_id, codec.chunk(self.rid, self.seq, data), self.caller)
             self.seq += 1
 
     def reply(self, result) -> None:
         if not self.done:
             self.done = True
-            self.router.send(self.routing_id, codec.reply_ok(self.rid, result))
+            self.router.send(self.routing_id, codec.reply_ok(self.rid, result), self.caller)
 
     def fail(self, code: str, message: str) -> None:
         if not self.done:
             self.done = True
-            self.router.send(self.routing_id, codec.reply_error(self.rid, code, message))
+            self.router.send(self.routing_id, codec.reply_error(self.rid, code, message), self.caller)
 
 
 def parse_peer(peer: str | None) -> tuple[int, int, int]:
@@ -78,43 +109,86 @@ def parse_peer(peer: str | None) -> tuple[int, int, int]:
         raise EACCES("the kernel cannot tell who you are (no peer credentials on this connection)") from None
 
 
-def descends_from(pid: int, ancestor: int) -> bool:
-    """True if ``ancestor`` is a proper ancestor of ``pid`` (reads /proc; False if ``pid`` is gone)."""
-    for _ in range(256):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return False
-        pid = int(stat[stat.rindex(b")") + 2:].split(None, 2)[1])  # field 4: ppid, after "(comm)"
+def _ppid(pid: int) -> int | None:
+    """The parent of ``pid`` from /proc, or None when it cannot be read (gone, or not visible)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split(None, 2)[1])  # field 4: ppid, after "(comm)"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descends_from(pid: int, ancestor: int) -> bool | None:
+    """True if ``ancestor`` is a proper ancestor of ``pid``, False if not, None when it cannot be told (a
+    process on the way is gone or unreadable).  Callers must treat None as "yes" (fail closed)."""
+    for _ in range(4096):
+        pid = _ppid(pid)
+        if pid is None:
+            return None
         if pid == ancestor:
             return True
         if pid <= 1:
             return False
-    return False
+    return None
+
+
+def is_live_outsider(pid: int, kernel_pid: int) -> bool:
+    """True only if ``pid`` is alive, does not descend from the kernel, and is still the same process after the
+    ancestry check (pinned by a pidfd, so an exit during the check cannot be mistaken for a live outsider)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone (ESRCH), or no pidfd support: fail closed
+        return False
+    try:
+        if descends_from(pid, kernel_pid) is not False:
+            return False
+        readable, _, _ = select.select([pidfd], [], [], 0)  # a pidfd turns readable when its process exits
+        return not readable
+    finally:
+        os.close(pidfd)
 
 
 class Router:
     """Owns the ROUTER socket; ``serve_ready()`` handles every frame waiting on it."""
 
-    def __init__(self, kernel, ctx: zmq.Context, endpoint: str, max_frame: int):
+    def __init__(self, kernel, ctx: zmq.Context, endpoint: str, max_frame: int, operator_key: bytes):
         self.kernel = kernel
         self.max_frame = max_frame
+        self._operator_key = operator_key
         self.sock = ctx.socket(zmq.ROUTER)
         # Hard limit: libzmq drops a connection that sends more.  Between max_frame and this, E2BIG replies.
         self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_frame)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.SNDHWM, ANSWER_HWM)
+        self.sock.setsockopt(zmq.RCVHWM, REQUEST_HWM)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or vanished peer is an error we see, not silence
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
         self._callers: dict[tuple[bytes, str], Caller] = {}
         self._uid = os.getuid()
         self._pid = os.getpid()
+        self._warned_at = 0.0
 
-    def send(self, routing_id: bytes, data: bytes) -> None:
+    def send(self, routing_id: bytes, data: bytes, caller: Caller | None = None) -> None:
+        """Queue one answer.  A peer whose queue is full loses it and is stalled (``STALL_S``): its memory is
+        never the kernel's.  A peer that is gone loses it too."""
         try:
             self.sock.send_multipart((routing_id, data), flags=zmq.NOBLOCK)
-        except zmq.Again:  # the peer's queue is full or it is gone: its loss, never the kernel's
-            log.warning("dropped an answer to a peer that does not read")
+        except zmq.Again:
+            if caller is not None:
+                caller.dropped += 1
+                caller.stalled_until = time.monotonic() + STALL_S
+                self._warn(f"{caller.describe()} does not read its answers; dropping them and its requests")
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+
+    def _warn(self, message: str) -> None:
+        """A warning at most once a second: what agents provoke must not flood the kernel's log."""
+        now = time.monotonic()
+        if now - self._warned_at >= 1.0:
+            self._warned_at = now
+            log.warning("%s", message)
 
     def serve_ready(self, budget: int = 256) -> None:
         """Handle up to ``budget`` frames already waiting (bounded so other work is not starved)."""
@@ -126,14 +200,25 @@ class Router:
 
     def handle(self, frames) -> None:
         routing_id = frames[0].bytes
+        payload = frames[-1]
+        try:
+            caller = self.identify(routing_id, payload.get("Peer-Address"))
+        except _Drop:
+            return
+        except SyscallError as exc:
+            self.send(routing_id, codec.reply_error(codec.peek_id(payload.bytes), exc.code, exc.message))
+            return
+        if caller.stalled_until and time.monotonic() < caller.stalled_until:
+            caller.dropped += 1
+            return
         rid = None
         try:
+            if caller.proc is not None:
+                charge_syscall(caller.proc)  # before decoding: undecodable frames count too
             if len(frames) != 2:
                 raise RequestError("EPROTO", f"send one frame per request, not {len(frames) - 1}", None)
-            payload = frames[1]
             env = codec.decode_request(payload.bytes, self.max_frame)
             rid = env.id
-            caller = self.identify(routing_id, payload.get("Peer-Address"))
             syscall = TABLE.get(env.call)
             if syscall is None:
                 raise ENOSYS(f"no syscall {env.call!r}; see docs/abi.md section 4")
@@ -146,48 +231,71 @@ class Router:
             if result is not DEFERRED:
                 call.reply(result)
         except RequestError as exc:
-            self.send(routing_id, codec.reply_error(exc.rid, exc.code, exc.message))
+            self.send(routing_id, codec.reply_error(exc.rid, exc.code, exc.message), caller)
         except SyscallError as exc:
-            self.send(routing_id, codec.reply_error(rid, exc.code, exc.message))
+            if rid is None:
+                rid = codec.peek_id(payload.bytes)
+            self.send(routing_id, codec.reply_error(rid, exc.code, exc.message), caller)
         except Exception:  # a kernel bug must cost one request, never the kernel
             log.exception("syscall failed inside the kernel")
-            self.send(routing_id, codec.reply_error(rid, "EIO", "internal kernel error; see the kernel log"))
+            self.send(routing_id, codec.reply_error(rid, "EIO", "internal kernel error; see the kernel log"), caller)
 
     def identify(self, routing_id: bytes, peer: str | None) -> Caller:
-        """The caller behind this connection (docs/abi.md section 1).  Raises EPERM or EACCES."""
+        """The caller behind this connection (docs/abi.md section 1).  Raises EPERM or EACCES, or ``_Drop``
+        for a frame of an agent that has ended."""
         key = (routing_id, peer)
         caller = self._callers.get(key)
         if caller is None:
             caller = self._new_caller(routing_id, peer)
+            if len(self._callers) >= MAX_CACHED_CALLERS:  # forgetting is safe: identification is repeatable
+                del self._callers[next(iter(self._callers))]
             self._callers[key] = caller
         proc = caller.proc
         if proc is not None:
             if not proc.alive:
-                raise EPERM(f"agent {proc.id} has ended")
+                raise _Drop
             proc.syscalls += 1
             if proc.first_syscall_at is None:
                 proc.first_syscall_at = time.time()
-            charge_syscall(proc)
         return caller
 
     def _new_caller(self, routing_id: bytes, peer: str | None) -> Caller:
         uid, gid, pid = parse_peer(peer)
-        proc = self.kernel.procs.by_pid(pid)
-        groups = self.kernel.config.groups
+        procs, groups = self.kernel.procs, self.kernel.config.groups
+        proc = procs.by_token(routing_id)  # every agent this kernel ever started, ended ones included
         if proc is not None:
-            if routing_id != proc.token:
-                log.warning("agent %d (pid %d) sent with a forged routing id; refused", proc.id, pid)
-                raise EPERM("this connection does not carry your agent identity; use the SDK's connection")
+            if not proc.alive:
+                raise _Drop
+            if proc.pid != pid:
+                self._warn(f"pid {pid} used the routing id of agent {proc.id} (pid {proc.pid}); refused")
+                raise EPERM("this connection carries another process's agent identity; only the agent itself "
+                            "may use it")
             group = groups.get(proc.group)
             return Caller(pid, uid, gid, proc, proc.group, group.privileges if group else frozenset())
-        if descends_from(pid, self._pid):
-            raise EPERM(f"pid {pid} is a descendant of an agent, not an agent; only agents make syscalls")
-        if uid in (self._uid, 0):
-            return Caller(pid, uid, gid, None, "admin", groups["admin"].privileges)
-        raise EACCES(f"uid {uid} is not served by this kernel")
+        if procs.by_pid(pid) is not None:
+            self._warn(f"agent pid {pid} sent with a forged routing id; refused")
+            raise EPERM("this connection does not carry your agent identity; use the SDK's connection")
+        if descends_from(pid, self._pid) is not False:
+            raise EPERM(f"pid {pid} is a descendant of an agent (or already gone), not an agent; only agents "
+                        "make syscalls")
+        if not self._is_operator_id(routing_id):
+            raise EACCES("not an agent of this kernel, and the connection does not present the operator "
+                         "credential (run aiosctl as the kernel's user: it reads <runtime-dir>/operator.key)")
+        if uid not in (self._uid, 0):
+            raise EACCES(f"uid {uid} is not served by this kernel")
+        if not is_live_outsider(pid, self._pid):
+            raise EPERM(f"pid {pid} is gone or descends from the kernel; operators are live processes outside it")
+        return Caller(pid, uid, gid, None, "admin", groups["admin"].privileges)
+
+    def _is_operator_id(self, routing_id: bytes) -> bool:
+        """``b"O"`` + the operator key + 8 bytes (syscalls.address.operator_routing_id), compared in constant
+        time."""
+        n = len(self._operator_key)
+        return (len(routing_id) == 1 + n + 8 and routing_id.startswith(OPERATOR_PREFIX)
+                and hmac.compare_digest(routing_id[1:1 + n], self._operator_key))
 
     def forget(self, proc) -> None:
-        """Drop cached callers of an ended process."""
+        """Drop cached callers of an ended process (its frames are refused through ``by_token`` from now on)."""
         for key in [k for k, c in self._callers.items() if c.proc is proc]:
             del self._callers[key]
 

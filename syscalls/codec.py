@@ -42,11 +42,17 @@ _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 
+# What a decoder may raise on hostile bytes: DecodeError (invalid msgpack, invalid UTF-8, truncation, a
+# ValidationError is one), RecursionError (nesting deeper than msgspec's limit), MemoryError (a length prefix
+# it cannot honour), OverflowError/ValueError (numbers out of range).  Never anything the kernel must die of.
+DECODE_ERRORS = (msgspec.DecodeError, RecursionError, MemoryError, OverflowError, ValueError)
+
+
 def _salvage_id(frame: bytes) -> tuple[int | None, Any]:
     """Best effort on an invalid envelope: the request id if it is readable, and the decoded object."""
     try:
         obj = _any_decoder.decode(frame)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         return None, None
     rid = obj.get("id") if isinstance(obj, dict) else None
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 1 << 63:
@@ -66,11 +72,33 @@ def decode_request(frame: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> Envelope
         if isinstance(obj, dict) and "v" in obj and obj["v"] not in SUPPORTED_VERSIONS:
             raise RequestError("EPROTO", _version_message(obj["v"]), rid) from None
         raise RequestError("EPROTO", f"invalid request envelope: {_where(exc, '$', 'request')}", rid) from None
-    except msgspec.DecodeError as exc:
-        raise RequestError("EBADMSG", f"frame is not valid msgpack: {exc}", None) from None
+    except DECODE_ERRORS as exc:
+        raise RequestError("EBADMSG", f"frame is not valid msgpack: {exc}", _peek(frame)) from None
     if env.v not in SUPPORTED_VERSIONS:
         raise RequestError("EPROTO", _version_message(env.v), env.id)
     return env
+
+
+class _IdOnly(msgspec.Struct):
+    """Only the request id of an envelope; every other key is skipped without being decoded."""
+
+    id: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+
+
+_id_decoder = msgspec.msgpack.Decoder(_IdOnly)
+
+
+def _peek(frame: bytes) -> int | None:
+    """The request id of a frame if it can be read cheaply (a map with an integer ``id``), else None."""
+    try:
+        return _id_decoder.decode(frame).id
+    except DECODE_ERRORS:
+        return None
+
+
+def peek_id(frame: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int | None:
+    """The request id to answer a refused frame with (None when it cannot be read or the frame is too big)."""
+    return _peek(frame) if len(frame) <= 2 * max_frame else None
 
 
 def _version_message(v: Any) -> str:
@@ -91,6 +119,10 @@ def decode_args(schema_decoder: msgspec.msgpack.Decoder, raw: msgspec.Raw) -> An
         if "- at `" not in msg:
             msg += " - at `args`"
         raise SyscallError(_where(Exception(msg), "$", "args"), "EINVAL") from None
+    except RecursionError:
+        raise SyscallError("args are nested too deeply", "EINVAL") from None
+    except DECODE_ERRORS as exc:  # e.g. invalid UTF-8 in a string
+        raise SyscallError(f"args cannot be decoded: {exc}", "EINVAL") from None
 
 
 def reply_ok(rid: int, result: Any) -> bytes:

@@ -9,6 +9,8 @@ import msgpack
 import pytest
 import zmq
 
+from syscalls.address import operator_routing_id
+
 from agentproc.errors import EINVAL, ENOENT, ENOSYS, EPERM, ETIMEDOUT
 
 
@@ -18,6 +20,7 @@ def raw(kernel):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, operator_routing_id(kernel.endpoint))  # an operator's credential
     sock.connect(kernel.endpoint)
 
     class Raw:
@@ -137,9 +140,10 @@ def test_operator_identity_comes_from_the_connection(kernel):
 
 
 def test_duplicate_routing_id_cannot_hijack_a_connection(kernel):
-    victim = kernel.new_client(routing_id=b"victim-routing-id")
+    routing_id = operator_routing_id(kernel.endpoint)  # an operator's: it carries the operator credential
+    victim = kernel.new_client(routing_id=routing_id)
     assert victim.call("sys.ping") == {"pong": True}
-    forger = kernel.new_client(timeout=1.0, routing_id=b"victim-routing-id")
+    forger = kernel.new_client(timeout=1.0, routing_id=routing_id)
     with pytest.raises(ETIMEDOUT):  # libzmq ignores the second connection claiming a live routing id
         forger.call("sys.ping")
     assert victim.call("sys.ping") == {"pong": True}  # the victim is unaffected
