@@ -46,12 +46,13 @@ def _age(record: dict) -> str:
 LIMIT_FLAGS = {  # aiosctl run flag -> ABI limit key (docs/abi.md, proc.spawn)
     "memory_mb": "memory (MB, resident, whole process tree)", "cpu_seconds": "CPU seconds",
     "wall_seconds": "wall-clock seconds", "procs": "processes + threads", "open_files": "open files",
-    "disk_mb": "MB written in its scratch dir", "llm_tokens": "LLM tokens (prompt + completion)",
+    "disk_mb": "MB in its scratch dir plus its captured output",
+    "disk_inodes": "files + directories in its scratch dir", "llm_tokens": "LLM tokens (prompt + completion)",
     "syscall_rate": "syscalls per second",
 }
 _LIMIT_SHORT = {"memory_mb": ("mem", "M"), "cpu_seconds": ("cpu", "s"), "wall_seconds": ("wall", "s"),
                 "procs": ("procs", ""), "open_files": ("fds", ""), "disk_mb": ("disk", "M"),
-                "llm_tokens": ("tokens", ""), "syscall_rate": ("rate", "/s")}
+                "disk_inodes": ("inodes", ""), "llm_tokens": ("tokens", ""), "syscall_rate": ("rate", "/s")}
 
 
 def _limits(record: dict) -> str:

@@ -83,7 +83,8 @@ class ContextManager:
         self._disk: set[Snapshot] = set()
         self._names = itertools.count(1)
         self.counts = {"evictions": 0, "session_evictions": 0, "snapshots_ram": 0, "snapshots_disk": 0,
-                       "text_evictions": 0, "restores": 0, "restore_failures": 0, "dropped": 0}
+                       "text_evictions": 0, "restores": 0, "restore_failures": 0, "dropped": 0,
+                       "spill_failures": 0}
         self.ram_used = 0
         self.disk_used = 0
 
@@ -188,7 +189,14 @@ class ContextManager:
             self.ram_used += size
             self.counts["snapshots_ram"] += 1
         else:
-            self._spill(snap)
+            try:
+                self._spill(snap)
+            except OSError as exc:  # a full or failing disk (ENOSPC, EFBIG, EIO): recompute this one instead
+                self.counts["spill_failures"] += 1
+                if self.counts["spill_failures"] == 1:  # once: the counter in stats() tells the rest
+                    log.warning("context: cannot spill a snapshot to %s (%s); evictions that do not fit in RAM "
+                                "are recomputed from their tokens", self.swap_dir, exc.strerror or exc)
+                return None
         return snap
 
     def _make_room(self, size: int, droppable: bool) -> bool:

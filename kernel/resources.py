@@ -3,24 +3,27 @@
 Limits come from the agent's privilege group (config) overridden by launch flags (``proc.spawn`` ``limits``).
 Hard limits go underneath (rlimits, cgroups where the kernel may create them) because polling alone cannot
 stop an allocator; the poll here catches what rlimits cannot express (RSS of a whole process tree, CPU of a
-tree, wall time, thread count, bytes in scratch) and kills with a reason an operator can read
+tree, wall time, thread count, disk) and kills with a reason an operator can read
 (``"OOMKilled: ..."``).  Token quotas and syscall rates are checked on the syscall path instead
 (``charge_syscall``, ``check_tokens``).
+
+Disk usage is the agent's scratch (``kernel.disk``: blocks, inodes, unlinked open files; measured off the
+event loop) plus the bytes of its captured output written to its log (``kernel.proc.Output``).
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
 import psutil
 
+from kernel.disk import DiskAccountant
 from syscalls.errors import EAGAIN, EDQUOT
 
-LIMIT_KEYS = ("memory_mb", "cpu_seconds", "wall_seconds", "procs", "open_files", "disk_mb", "llm_tokens",
-              "syscall_rate")
+LIMIT_KEYS = ("memory_mb", "cpu_seconds", "wall_seconds", "procs", "open_files", "disk_mb", "disk_inodes",
+              "llm_tokens", "syscall_rate")
 MB = 1 << 20
-DISK_EVERY_S = 1.0
+SLOW_EVERY_S = 1.0  # the checks that scan /proc (orphans)
 
 
 def effective_limits(group_limits: dict, overrides: dict | None) -> dict:
@@ -39,7 +42,8 @@ class Usage:
     cpu_seconds: float = 0.0
     procs: int = 0
     open_files: int = 0
-    disk_mb: float = 0.0
+    disk_mb: float = 0.0      # scratch + captured output
+    disk_inodes: int = 0      # files, directories, symlinks... in scratch
 
 
 class RateBucket:
@@ -89,8 +93,9 @@ def children_map() -> dict[int, list[int]]:
     return kids
 
 
-def sample(proc, with_disk: bool, kids: dict[int, list[int]]) -> Usage:
-    """Account the agent's whole process tree (it and all its descendants, found in ``kids``)."""
+def sample(proc, kids: dict[int, list[int]], disk: DiskAccountant | None = None) -> Usage:
+    """Account the agent's whole process tree (it and all its descendants, found in ``kids``), and its disk
+    usage as ``disk`` last measured it plus its captured output."""
     u = Usage()
     pids, tree = [proc.pid], []
     while pids:
@@ -110,29 +115,9 @@ def sample(proc, with_disk: bool, kids: dict[int, list[int]]) -> Usage:
                 u.open_files += p.num_fds()
         except psutil.Error:
             continue
-    if with_disk:
-        u.disk_mb = dir_bytes(proc.scratch) / MB
+    scratch_bytes, u.disk_inodes = disk.usage(proc.id, tuple(p.pid for p in tree)) if disk else (0, 0)
+    u.disk_mb = (scratch_bytes + proc.output.log_bytes) / MB
     return u
-
-
-def dir_bytes(path) -> int:
-    """Bytes allocated under ``path`` (blocks, so sparse files count for what they use)."""
-    total = 0
-    stack = [str(path)]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                else:
-                    total += e.stat(follow_symlinks=False).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def breach(limits: dict, u: Usage, age_s: float) -> str | None:
@@ -143,7 +128,8 @@ def breach(limits: dict, u: Usage, age_s: float) -> str | None:
         ("wall_seconds", age_s, "WallTimeLimit", "seconds alive"),
         ("procs", u.procs, "PidsLimit", "processes+threads"),
         ("open_files", u.open_files, "FileLimit", "open files"),
-        ("disk_mb", u.disk_mb, "DiskQuota", "MB in scratch"),
+        ("disk_mb", u.disk_mb, "DiskQuota", "MB in scratch and captured output"),
+        ("disk_inodes", u.disk_inodes, "DiskQuota", "inodes in scratch"),
     )
     for key, value, word, unit in checks:
         limit = limits.get(key)
@@ -153,13 +139,15 @@ def breach(limits: dict, u: Usage, age_s: float) -> str | None:
 
 
 class ResourceManager:
-    """Samples every live agent every ``period`` seconds and names the ones over a limit."""
+    """Samples every live agent every ``period`` seconds and names the ones over a limit.  ``disk`` measures
+    scratch dirs (and removes them) off the event loop: ``track`` an agent at spawn, ``forget`` it at reap."""
 
     def __init__(self, period: float = 0.25):
         self.period = period
         self._next = 0.0
-        self._next_disk = 0.0
-        self.disk_swept = False  # did the last sweep include the once-a-second checks?
+        self._next_slow = 0.0
+        self.slow_swept = False  # did the last sweep include the once-a-second checks?
+        self.disk = DiskAccountant()
 
     def due(self) -> bool:
         return time.monotonic() >= self._next
@@ -168,16 +156,14 @@ class ResourceManager:
         """(proc, reason) for each live agent over a limit; records the sample as ``proc.usage_sample``."""
         now = time.monotonic()
         self._next = now + self.period
-        with_disk = self.disk_swept = now >= self._next_disk
-        if with_disk:
-            self._next_disk = now + DISK_EVERY_S
+        self.slow_swept = now >= self._next_slow
+        if self.slow_swept:
+            self._next_slow = now + SLOW_EVERY_S
         over = []
         wall = time.time()
         kids = children_map() if procs else {}
         for proc in procs:
-            u = sample(proc, with_disk, kids)
-            if not with_disk and proc.usage_sample is not None:
-                u.disk_mb = proc.usage_sample.disk_mb
+            u = sample(proc, kids, self.disk)
             proc.usage_sample = u
             reason = breach(proc.limits, u, wall - proc.started_at)
             if reason:

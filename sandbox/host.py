@@ -5,8 +5,10 @@ the pool, the paths it may read and write, and the reasons for every layer the k
 ``Host.kill`` kills everything the agent started, including processes that left its process group or
 session (through its cgroups); ``Host.release`` undoes ``prepare`` once the agent is reaped;
 ``Host.kill_orphans`` kills what agents left behind re-parented to the kernel; ``Host.close`` removes the
-kernel's cgroups at shutdown.  ``Host.capabilities`` says which layers this machine and user can have, and
-why not, for operators.
+kernel's cgroups at shutdown.  A root kernel gives each agent with a ``disk_mb`` limit a tmpfs of its own on
+its scratch directory (``sandbox.scratchfs``); ``release`` hands the mount point back to the caller to detach
+off the event loop (``scratchfs.unmount``), and ``remove_stale_mounts`` detaches what a killed kernel left.
+``Host.capabilities`` says which layers this machine and user can have, and why not, for operators.
 
 While the kernel has cgroups, a watchdog process (``sandbox.watchdog``) holds a pipe from the kernel: if the
 kernel dies without ``close()`` -- SIGKILL, a crash -- it kills everything left in the kernel's cgroups and
@@ -19,10 +21,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox import cgroups, identity, landlock, namespaces, seccomp
+from sandbox import cgroups, identity, landlock, namespaces, scratchfs, seccomp
 from sandbox import policy as policy_mod
 from syscalls.address import SOCKET_NAME
 
@@ -31,6 +34,7 @@ log = logging.getLogger("aiosd.sandbox")
 DEFAULT_UID_BASE = 200_000
 DEFAULT_UID_COUNT = 1000
 DEFAULT_CPU_QUOTA = 1.0     # CPUs per agent (cgroup CPU quota)
+INODE_SLACK = 2             # the scratch tmpfs's root, and one inode over the limit so the kernel sees the breach
 
 
 class SandboxError(RuntimeError):
@@ -42,15 +46,18 @@ class _Agent:
     limits: dict
     uid: int | None = None
     cgroup_dirs: list[str] = field(default_factory=list)
+    scratch_mount: str | None = None  # its scratch dir, when a tmpfs is mounted there
 
 
 class Host:
     def __init__(self, runtime_dir: Path, protected: list[str], *, uid_base: int = DEFAULT_UID_BASE,
                  uid_count: int = DEFAULT_UID_COUNT, cpu_quota: float | None = DEFAULT_CPU_QUOTA,
-                 extra_read: list[str] = (), use_uids: bool = True, use_cgroups: bool = True):
+                 extra_read: list[str] = (), use_uids: bool = True, use_cgroups: bool = True,
+                 use_tmpfs: bool = True):
         """``protected``: paths agents must never reach (model files, the state dir).  ``uid_base``,
         ``uid_count``: the pool of agent uids (and gids) for a root kernel.  ``cpu_quota``: CPUs per agent
-        (None: no quota).  ``extra_read``: more read-only paths for agents (e.g. a data set)."""
+        (None: no quota).  ``extra_read``: more read-only paths for agents (e.g. a data set).  ``use_tmpfs``:
+        a tmpfs per agent on its scratch dir, where this process may mount one."""
         self.runtime_dir = Path(runtime_dir)
         self.protected = [os.path.realpath(p) for p in protected]
         self.root = os.geteuid() == 0
@@ -79,6 +86,9 @@ class Host:
             self.layout, self.cgroup_off = cgroups.detect(self.pid)
         else:
             self.layout, self.cgroup_off = None, "disabled by configuration"
+        # scratch filesystems: probed (one trial mount) when first needed, once the runtime dir exists
+        self._tmpfs_off: str | None = None if use_tmpfs else "disabled by configuration"
+        self._tmpfs_probed = not use_tmpfs
         self._capabilities: dict[str, str] | None = None
 
     # --- operators -----------------------------------------------------------------------------------
@@ -99,8 +109,32 @@ class Host:
                 "uid": state(self.uid_off, f"pool {self.uid_base}..{self.uid_base + self.uid_count - 1}"),
                 "prctl": state(None),
                 "seccomp": state(seccomp.supported()),
+                "disk": state(self.tmpfs_off(), "tmpfs per agent with a disk_mb limit"),
             }
         return dict(self._capabilities)
+
+    def tmpfs_off(self) -> str | None:
+        """None when agents get a tmpfs of their own on their scratch dir, else why not (probed once)."""
+        if not self._tmpfs_probed:
+            self._tmpfs_probed = True
+            probe = self.runtime_dir if self.runtime_dir.is_dir() else Path(tempfile.gettempdir())
+            reason = scratchfs.unavailable_reason(str(probe))
+            self._tmpfs_off = (f"{reason}; disk usage is measured by walking scratch off the event loop"
+                               if reason else None)
+        return self._tmpfs_off
+
+    def scratch_mounted(self, agent_id: int) -> bool:
+        """Whether the agent's scratch dir is a tmpfs of its own (its usage is then one ``statvfs``)."""
+        agent = self._agents.get(agent_id)
+        return bool(agent and agent.scratch_mount)
+
+    def remove_stale_mounts(self) -> list[str]:
+        """Detach scratch mounts a previous kernel on this runtime dir left behind (it was killed before it
+        could); returns them.  Call before removing old scratch dirs."""
+        left = scratchfs.mounts_under(str(self.runtime_dir / "scratch"))
+        for path in left:
+            _unmount_quietly(path)
+        return left
 
     def check_paths(self, readable: list[str], writable: list[str] = ()) -> None:
         """Refuse an agent-readable path that contains, or lies inside, a protected path, and an agent-writable
@@ -119,7 +153,9 @@ class Host:
         try:
             return self._prepare(agent_id, scratch, limits, allow_fork, allow_connect)
         except BaseException:
-            self.release(agent_id)
+            mount = self.release(agent_id)
+            if mount:
+                _unmount_quietly(mount)
             raise
 
     def _prepare(self, agent_id: int, scratch: Path, limits: dict, allow_fork: bool,
@@ -138,6 +174,14 @@ class Host:
                 log.warning("agent %d: no cgroup: %s", agent_id, exc)
                 off["cgroup"] = f"the kernel could not create it: {exc.strerror or exc}"
                 procs_files = []  # (what was made is removed by release)
+        if limits.get("disk_mb") and self.tmpfs_off() is None:
+            disk_mb, inodes = limits["disk_mb"], limits.get("disk_inodes")
+            try:  # before the chown below, which then applies to the tmpfs's root
+                scratchfs.mount(str(scratch), disk_mb + max(1, disk_mb // 16),
+                                inodes + INODE_SLACK if inodes else None)
+                agent.scratch_mount = str(scratch)
+            except OSError as exc:
+                log.warning("agent %d: no tmpfs on its scratch dir: %s", agent_id, exc.strerror or exc)
         gid = None
         if self.uid_off:
             off["uid"] = self.uid_off
@@ -178,9 +222,11 @@ class Host:
             return f"OOMKilled: cgroup memory limit {agent.limits.get('memory_mb')} MB"
         return None
 
-    def release(self, agent_id: int) -> None:
+    def release(self, agent_id: int) -> str | None:
         """Undo ``prepare`` once the agent has been reaped: kill leftovers, remove its cgroups, free its uid.
-        Groups still busy (their last processes not yet gone) are retried on every later call."""
+        Groups still busy (their last processes not yet gone) are retried on every later call.  Returns the
+        agent's scratch mount point, if it has one, for the caller to ``scratchfs.unmount`` -- freeing a tmpfs
+        of many files takes tens of milliseconds, so the kernel does it off its event loop."""
         agent = self._agents.pop(agent_id, None)
         if agent is not None and agent.cgroup_dirs:
             cgroups.kill_all(agent.cgroup_dirs)
@@ -188,6 +234,7 @@ class Host:
         self._retry_busy()  # groups of earlier agents whose last processes had not yet gone
         if agent is not None and agent.uid is not None:
             self._uids_free.add(agent.uid)
+        return agent.scratch_mount if agent is not None else None
 
     def kill_orphans(self, known_pids: set[int]) -> list[int]:
         """SIGKILL every direct child of the kernel that is not in ``known_pids`` (live agents) -- orphans
@@ -233,7 +280,8 @@ class Host:
         self._parents_made = True
         if self._watchdog is None:
             self._watchdog = subprocess.Popen(
-                [sys.executable, "-I", "-m", "sandbox.watchdog", *self.layout.parents.values()],
+                [sys.executable, "-I", "-m", "sandbox.watchdog", "--scratch", str(self.runtime_dir / "scratch"),
+                 *self.layout.parents.values()],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
 
     def _in_live_cgroup(self, pid: int) -> bool:
@@ -257,6 +305,13 @@ class Host:
     def _retry_busy(self) -> None:
         if self._busy_dirs:
             self._busy_dirs = cgroups.remove(self._busy_dirs)
+
+
+def _unmount_quietly(path: str) -> None:
+    try:
+        scratchfs.unmount(path)
+    except OSError as exc:
+        log.warning("cannot detach the scratch mount %s: %s", path, exc.strerror or exc)
 
 
 def _within(parent: str, path: str) -> bool:

@@ -377,8 +377,10 @@ def test_uid_switch(tmp_path):
 
 def test_capabilities_say_why_not(tmp_path):
     caps = Host(tmp_path, [str(STATE_DIR)], use_cgroups=False).capabilities()
-    assert set(caps) == {"cgroup", "netns", "rlimits", "landlock", "caps", "uid", "prctl", "seccomp"}
+    assert set(caps) == {"cgroup", "netns", "rlimits", "landlock", "caps", "uid", "prctl", "seccomp", "disk"}
     assert caps["cgroup"] == "unavailable: disabled by configuration"
+    assert Host(tmp_path, [str(STATE_DIR)], use_tmpfs=False).capabilities()["disk"].startswith(
+        "unavailable: disabled by configuration")
     assert all(v.startswith("available") or v.startswith("unavailable: ") for v in caps.values())
     assert caps["seccomp"].startswith("unavailable") == (seccomp.supported() is not None)
 

@@ -8,6 +8,7 @@ before it attacks.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import textwrap
@@ -122,12 +123,21 @@ class Neighbour:
             time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def neighbour_of(kernel):
+    """A ``Neighbour`` on ``kernel`` for the duration of the block (for kernels other than the session's)."""
+    n = Neighbour(kernel)
+    try:
+        yield n
+    finally:
+        if kernel.record(n.id)["state"] in ("STARTING", "RUNNING"):
+            kill(kernel, n.id)
+
+
 @pytest.fixture
 def neighbour(kernel):
-    n = Neighbour(kernel)
-    yield n
-    if kernel.record(n.id)["state"] in ("STARTING", "RUNNING"):
-        kill(kernel, n.id)
+    with neighbour_of(kernel) as n:
+        yield n
 
 
 @pytest.fixture(scope="session")
