@@ -29,10 +29,11 @@ DEFAULT_GROUPS: dict[str, Group] = {
                      limits={"memory_mb": 2048, "procs": 256, "open_files": 1024}),
     "default": Group(frozenset({BASIC, PROC, LLM}), priority=0,
                      limits={"memory_mb": 512, "cpu_seconds": 600, "procs": 64, "open_files": 256,
-                             "disk_mb": 256, "syscall_rate": 2000}),
+                             "disk_mb": 256, "disk_inodes": 20000, "syscall_rate": 2000}),
     "untrusted": Group(frozenset({BASIC, LLM}), priority=-5,
                        limits={"memory_mb": 256, "cpu_seconds": 120, "wall_seconds": 600, "procs": 16,
-                               "open_files": 64, "disk_mb": 32, "llm_tokens": 100_000, "syscall_rate": 500}),
+                               "open_files": 64, "disk_mb": 32, "disk_inodes": 5000, "llm_tokens": 100_000,
+                               "syscall_rate": 500}),
 }
 
 
@@ -44,6 +45,8 @@ class ConfigError(Exception):
 class KernelSection:
     max_frame: int = DEFAULT_MAX_FRAME
     max_procs: int = 64
+    max_pending: int = 32    # LLM requests one agent may have unanswered (EAGAIN beyond)
+    max_followers: int = 8   # proc.logs follow streams one agent may hold open (EAGAIN beyond)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class SandboxSection:
     uid_count: int = 1000
     cgroups: bool = True      # per-agent cgroups (memory, pids, cpu), when the kernel is root
     cpu_quota: float = 1.0    # CPUs per agent (cgroup cpu quota); 0 = none
+    scratch_tmpfs: bool = True  # a tmpfs of its own on each agent's scratch dir, when the kernel may mount one
     extra_read: list = field(default_factory=list)  # more read-only paths for agents (Landlock)
 
 
@@ -163,6 +167,8 @@ def load(path: str | os.PathLike | None) -> Config:
         else:
             raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [sandbox], "
                               "[groups.NAME], [models.NAME]")
+    if cfg.kernel.max_pending < 1 or cfg.kernel.max_followers < 1:
+        raise ConfigError(f"{path}: [kernel] max_pending and max_followers must be at least 1")
     if cfg.kernel.max_frame < 1024:
         raise ConfigError(f"{path}: [kernel] max_frame must be at least 1024 bytes")
     if cfg.llm.n_seq_max < 1 or cfg.llm.n_ctx_seq < 64:

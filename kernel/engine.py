@@ -69,6 +69,7 @@ import llama_cpp
 import numpy as np
 
 from kernel.context import MB, ContextManager, Snapshot
+from kernel.grammar import SchemaError, check_grammar, check_schema
 from kernel.scheduler import FifoPolicy, Policy, make_policy
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.usage: dict | None = None  # on a request's error event: what it computed before it ended
 
     def __repr__(self) -> str:
         return f"EngineError({self.code!r}, {self.message!r})"
@@ -145,7 +147,12 @@ def schema_grammar(schema: dict) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        check_schema(schema)  # bounds first: the converter and llama.cpp's parser recurse per repetition
+        text = json_schema_to_gbnf(json.dumps(schema))
+        check_grammar(text)
+        return text
+    except SchemaError as exc:
+        raise EngineError("EINVAL", str(exc)) from None
     except Exception as exc:
         raise EngineError("EINVAL", f"json_schema cannot be turned into a grammar: {exc}") from None
 
@@ -356,7 +363,9 @@ class Engine:
     - ``"chunk"``, ``{"text": str}``: only when ``request.stream``, only non-empty text;
     - ``"done"``, ``{"text", "finish_reason": "stop"|"length", "usage": {"prompt_tokens", "completion_tokens",
       "cached_tokens"}}``;
-    - ``"error"``, an ``EngineError`` (``ECANCELED`` after cancel or close, ``EIO`` when decoding failed).
+    - ``"error"``, an ``EngineError`` (``ECANCELED`` after cancel or close, ``EIO`` when decoding failed) whose
+      ``usage`` holds what the request computed before it ended (same keys as ``done``'s; zeros if it never
+      started), so that cancelled and failed work can be charged.
 
     Exactly one of done/error per request, always its last event.
 
@@ -1188,6 +1197,9 @@ class Engine:
         req._sampler = req._grammar = None
         if cancelled:
             kind, payload = "error", EngineError("ECANCELED", "the request was cancelled")
+        if kind == "error" and payload.usage is None:
+            payload = EngineError(payload.code, payload.message)  # a private copy: errors are shared by rows
+            payload.usage = _usage_so_far(req)
         self._emit(req, kind, payload)
 
     def _emit(self, req: Request, kind: str, payload) -> None:
@@ -1195,6 +1207,16 @@ class Engine:
             self._sink(req, kind, payload)
         except Exception:  # the sink is the caller's; its failure must not stop the engine
             log.exception("engine sink failed on %s event of request %d", kind, req.id)
+
+
+def _usage_so_far(req: Request) -> dict:
+    """What a request computed before it ended in an error, to be charged like a finished one: prompt tokens
+    whose KV it computed or reused (none if it never started), tokens generated, prompt tokens reused."""
+    seq = req._seq
+    if seq is None:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    return {"prompt_tokens": min(seq.n_past, len(req.tokens)), "completion_tokens": seq.n_generated,
+            "cached_tokens": seq.n_cached}
 
 
 def _free_samplers(*samplers) -> None:

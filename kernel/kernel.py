@@ -11,6 +11,7 @@ import collections
 import logging
 import os
 import shutil
+import secrets
 import signal
 import socket
 import time
@@ -27,11 +28,13 @@ from kernel.resources import RateBucket, ResourceManager, check_tokens, effectiv
 from sandbox.host import Host
 from sandbox.linux import become_subreaper
 from syscalls import codec
-from syscalls.errors import ENOENT, EPERM, error_for
+from syscalls.address import OPERATOR_KEY_NAME
+from syscalls.errors import EAGAIN, ENOENT, EPERM, error_for
 
 log = logging.getLogger("aiosd")
 
 SHUTDOWN_GRACE_S = 3.0
+LOG_CHUNK = 64 << 10  # characters in one proc.logs chunk
 
 
 class KernelError(Exception):
@@ -59,8 +62,8 @@ class Kernel:
         sb = config.sandbox
         self.host = Host(self.runtime_dir, [str(self.state_dir), str(Path(model_path).absolute().parent)],
                          uid_base=sb.uid_base, uid_count=sb.uid_count, cpu_quota=sb.cpu_quota or None,
-                         extra_read=list(sb.extra_read), use_uids=sb.uids, use_cgroups=sb.cgroups)
-        self._reservations: dict[int, tuple[Proc, int]] = {}
+                         extra_read=list(sb.extra_read), use_uids=sb.uids, use_cgroups=sb.cgroups,
+                         use_tmpfs=sb.scratch_tmpfs)
 
     # --- start-up ------------------------------------------------------------------------------------
     def _prepare_runtime_dir(self) -> None:
@@ -77,6 +80,8 @@ class Kernel:
         if other and other != os.getpid() and _pid_alive(other):
             raise KernelError(f"a kernel (pid {other}) already serves {self.runtime_dir}; "
                               f"stop it with `aiosctl --runtime-dir {self.runtime_dir} shutdown`")
+        for path in self.host.remove_stale_mounts():  # a killed kernel's agents' scratch filesystems
+            log.info("detached the stale scratch mount %s", path)
         for sub in ("scratch", "logs"):  # a previous kernel's agents are gone: so is their state
             shutil.rmtree(self.runtime_dir / sub, ignore_errors=True)
             (self.runtime_dir / sub).mkdir(mode=0o700)
@@ -95,7 +100,7 @@ class Kernel:
         except EngineError as exc:
             raise KernelError(f"cannot load the model {self.model_path}: {exc}") from None
         self.ctx = zmq.Context()
-        self.router = Router(self, self.ctx, self.endpoint, self.config.kernel.max_frame)
+        self.router = Router(self, self.ctx, self.endpoint, self.config.kernel.max_frame, self._operator_key())
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sig_r, self._sig_w = socket.socketpair()
         for s in (self._sig_r, self._sig_w):
@@ -112,6 +117,17 @@ class Kernel:
         for layer, status in self.host.capabilities().items():
             log.info("sandbox layer %s: %s", layer, status)
         log.info("serving %s with model %s (pid %d)", self.endpoint, self.engine.model_name, os.getpid())
+
+    def _operator_key(self) -> bytes:
+        """A fresh operator credential in ``<runtime-dir>/operator.key`` (0600 in the 0700 dir): operators present
+        it in their routing id (syscalls.address.operator_routing_id; docs/design.md, "Identity")."""
+        key = secrets.token_bytes(16)
+        path = self.runtime_dir / OPERATOR_KEY_NAME
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
 
     # --- the loop ------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -160,13 +176,14 @@ class Kernel:
             time.sleep(0.01)
             self._reap()
         self.host.close()
+        self.resources.disk.close()  # finishes removing the scratch dirs of the agents reaped above
         if self.engine is not None:
             self.engine.close()
             self._drain_engine_events()
         signal.set_wakeup_fd(-1)
         self.router.close()
         self.ctx.term()
-        for path in (self.runtime_dir / codec.SOCKET_NAME, self.pidfile):
+        for path in (self.runtime_dir / codec.SOCKET_NAME, self.pidfile, self.runtime_dir / OPERATOR_KEY_NAME):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -189,10 +206,20 @@ class Kernel:
         name = args.name or Path(args.filename).stem
         limits = effective_limits(group.limits, msgspec.structs.asdict(args.limits) if args.limits else None)
         next_id = self.procs.next_id
-        proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
-                                owner.describe(), limits,
-                                lambda scratch: self.host.prepare(next_id, scratch, limits,
-                                                                  allow_fork=group.allow_fork))
+        try:
+            proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
+                                    owner.describe(), limits,
+                                    lambda scratch: self.host.prepare(next_id, scratch, limits,
+                                                                      allow_fork=group.allow_fork))
+        except BaseException as exc:
+            if self.procs.next_id != next_id:  # it got as far as its scratch dir: undo that
+                mount = self.host.release(next_id)
+                self.resources.disk.forget(next_id, self.runtime_dir / "scratch" / str(next_id), bool(mount))
+            if isinstance(exc, OSError):  # e.g. a full disk under the runtime dir
+                raise EAGAIN(f"cannot start the agent: {exc.strerror or exc} (in {self.runtime_dir}); "
+                             "free space there and retry") from None
+            raise
+        self.resources.disk.track(proc.id, proc.scratch, limits, self.host.scratch_mounted(proc.id))
         if limits["syscall_rate"]:
             proc.rate_bucket = RateBucket(limits["syscall_rate"])
         for fd in proc.pipes:
@@ -223,7 +250,7 @@ class Kernel:
         for proc, reason in self.resources.sweep(live):
             log.warning("agent %d (%s): %s", proc.id, proc.name, reason)
             self.kill(proc, reason)
-        if self.resources.disk_swept:
+        if self.resources.slow_swept:
             for pid in self.host.kill_orphans({p.pid for p in live}):
                 log.warning("killed orphan pid %d left behind by an agent", pid)
 
@@ -267,49 +294,80 @@ class Kernel:
                 self._close_pipe(proc, fd)
             proc.output.close()
             proc.popen.stdout = proc.popen.stderr = None  # closed above, by fd
-            shutil.rmtree(proc.scratch, ignore_errors=True)
             if proc.state is State.KILLED and proc.kill_reason is None:  # e.g. the cgroup OOM killer
                 proc.reason = self.host.death_reason(proc.id) or proc.reason
-            self.host.release(proc.id)
+            mount = self.host.release(proc.id)
+            self.resources.disk.forget(proc.id, proc.scratch, unmount=bool(mount))  # removed off the loop
             self.engine.cancel_owner(proc.id)
             self.router.forget(proc)
-            for call in self._followers.pop(proc.id, ()):
-                call.reply(proc.record())
+            self._end_follows(proc)
             log.info("agent %d (%s) ended: %s %s", proc.id, proc.name, proc.state.value,
                      proc.reason or f"status {proc.exit_status}")
 
     def follow_logs(self, proc: Proc, call: Call, follow: bool) -> None:
-        """proc.logs with stream: captured output as chunks, then (when following) new output until exit."""
-        for fd_no, text in list(proc.output.pieces):
-            call.chunk({"fd": fd_no, "data": text})
+        """proc.logs with stream: captured output as chunks (runs of one fd merged, at most ``LOG_CHUNK``
+        characters each), then (when following) new output until exit.  An agent holds at most ``[kernel]
+        max_followers`` follow streams (EAGAIN beyond): every printed line costs the kernel a send per follower."""
+        follower = call.caller.proc
+        if follow and proc.alive and follower is not None and follower.followers >= self.config.kernel.max_followers:
+            raise EAGAIN(f"agent {follower.id} already follows {follower.followers} logs "
+                         f"([kernel] max_followers); close one first")
+        run_fd, run = None, []
+        for fd_no, text in list(proc.output.pieces) + [(None, "")]:
+            if run and (fd_no != run_fd or sum(map(len, run)) + len(text) > LOG_CHUNK):
+                data = "".join(run)
+                for i in range(0, len(data), LOG_CHUNK):
+                    call.chunk({"fd": run_fd, "data": data[i:i + LOG_CHUNK]})
+                run = []
+            run_fd = fd_no
+            run.append(text)
         if follow and proc.alive:
             self._followers.setdefault(proc.id, []).append(call)
+            if follower is not None:
+                follower.followers += 1
         else:
             call.reply(proc.record())
 
-    # --- LLM -----------------------------------------------------------------------------------------
-    def llm_submit(self, call: Call, prompt: str, args) -> None:
-        """Queue a generation for ``call``; its chunks and reply come back through the engine's events.
+    def _end_follows(self, proc: Proc) -> None:
+        """An agent ended: its own follow streams are dropped, and the streams following it get its record."""
+        for calls in self._followers.values():
+            calls[:] = [c for c in calls if c.caller.proc is not proc]
+        proc.followers = 0
+        for call in self._followers.pop(proc.id, ()):
+            if call.caller.proc is not None:
+                call.caller.proc.followers -= 1
+            call.reply(proc.record())
 
-        The caller's token quota is checked and reserved here (EDQUOT), and max_tokens clamped to what is left.
+    # --- LLM -----------------------------------------------------------------------------------------
+    def llm_submit(self, call: Call, prompt: str | None, args, messages: list | None = None) -> None:
+        """Queue a generation of ``prompt`` (or of ``messages`` rendered with the model's chat template) for
+        ``call``; its chunks and reply come back through the engine's events.
+
+        An agent has at most ``[kernel] max_pending`` requests unanswered (EAGAIN beyond).  Its token quota is
+        checked and reserved here (EDQUOT), and max_tokens clamped to what is left.  Engine errors become the
+        ABI error of the same code (a NUL in a message is EINVAL, an oversized schema EINVAL, ...).
         """
         proc = call.caller.proc
+        if proc is not None and proc.pending >= self.config.kernel.max_pending:
+            raise EAGAIN(f"agent {proc.id} has {proc.pending} LLM requests pending ([kernel] max_pending); "
+                         "wait for one to finish")
         group = self.config.groups.get(call.caller.group)
         try:
+            if messages is not None:
+                prompt = self.engine.render_chat(messages, model=args.model)
             tokens = self.engine.tokenize(prompt, model=args.model)
             max_tokens = check_tokens(proc, len(tokens), args.max_tokens) if proc else args.max_tokens
             params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
                                     top_p=args.top_p, seed=args.seed, stop=list(args.stop),
                                     json_schema=args.json_schema)
-            request = self.engine.submit(tokens, params, model=args.model, owner=proc.id if proc else None,
-                                         tag=call, stream=args.stream, priority=group.priority if group else 0,
-                                         key=(call.routing_id, call.rid))
+            self.engine.submit(tokens, params, model=args.model, owner=proc.id if proc else None, tag=call,
+                               stream=args.stream, priority=group.priority if group else 0, key=call.key)
         except EngineError as exc:
             raise error_for(exc.code, str(exc)) from None
         if proc is not None:
-            reserved = len(tokens) + max_tokens
-            proc.reserved_tokens += reserved
-            self._reservations[request.id] = (proc, reserved)
+            call.reserved = len(tokens) + max_tokens
+            proc.reserved_tokens += call.reserved
+            proc.pending += 1
 
     def _on_engine_event(self, request, kind: str, payload) -> None:
         """Engine thread: hand the event to the main thread."""
@@ -329,17 +387,18 @@ class Kernel:
         while events:
             request, kind, payload = events.popleft()
             call: Call = request.tag
-            if kind != "chunk" and request.id in self._reservations:
-                owner, reserved = self._reservations.pop(request.id)
-                owner.reserved_tokens -= reserved
             if kind == "chunk":
                 call.chunk(payload)
-            elif kind == "done":
-                proc = call.caller.proc
-                if proc is not None:
-                    usage = payload["usage"]
+                continue
+            proc = call.caller.proc
+            usage = payload["usage"] if kind == "done" else getattr(payload, "usage", None)
+            if proc is not None:
+                proc.reserved_tokens -= call.reserved
+                proc.pending -= 1
+                if usage:  # cancelled, failed and killed requests are charged what they computed, too
                     proc.prompt_tokens += usage["prompt_tokens"]
                     proc.completion_tokens += usage["completion_tokens"]
+            if kind == "done":
                 call.reply(payload)
             else:
                 call.fail(payload.code, str(payload))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import enum
+import logging
 import os
 import secrets
 import signal
@@ -28,6 +29,8 @@ from sandbox.policy import ENV as POLICY_ENV
 from sandbox.policy import Policy
 from syscalls.errors import EAGAIN, ENOENT
 
+log = logging.getLogger("aiosd")
+
 def _agent_sys_path() -> list[str]:
     """Where an agent finds the SDK and its few dependencies: the repo's packages and site-packages."""
     import agentproc
@@ -41,7 +44,11 @@ def _agent_sys_path() -> list[str]:
 # `aiosctl logs --follow` sees lines as they are printed.  argv after the code: [filename, *args].
 _BOOT = f"import sys; sys.path[:0] = {_agent_sys_path()!r}; from agentproc.bootstrap import main; main()"
 
-MAX_OUTPUT_KEPT = 4 << 20  # bytes of captured output kept in memory per process (the log file keeps all)
+MAX_OUTPUT_KEPT = 4 << 20  # characters of captured output kept in memory per process (the latest)
+# Bytes of captured output written to an agent's log file when it has no disk_mb limit; with one, the log
+# stops at disk_mb (its bytes count against disk_mb too: kernel.resources).  docs/sandbox.md, "Disk".
+MAX_LOG_BYTES = 64 << 20
+MB = 1 << 20
 
 
 class State(enum.Enum):
@@ -52,34 +59,86 @@ class State(enum.Enum):
 
 
 class Output:
-    """Captured stdout (fd 1) and stderr (fd 2) of one process: pieces in memory, everything in a log file."""
+    """Captured stdout (fd 1) and stderr (fd 2) of one process: the latest pieces in memory, and the first
+    ``cap`` bytes in a log file.
 
-    def __init__(self, log_path: Path):
+    At the cap the log gets one marker line (``TRUNCATED``) and no more; ``log_bytes`` (marker included) is
+    what the process has had written to disk for it.  An error writing the log (a full disk: ENOSPC, EFBIG,
+    EIO) stops the log with one warning in the kernel's log; it never reaches the caller, and the pieces in
+    memory (``proc.logs``) go on."""
+
+    TRUNCATED = "\n[aiosd: output truncated: the log reached its cap of {cap} bytes]\n"
+
+    def __init__(self, log_path: Path, cap: int = MAX_LOG_BYTES):
         self.log_path = log_path
-        self._log = open(log_path, "w", encoding="utf-8")
+        self.cap = cap
+        self.log_bytes = 0
+        self.truncated = False
         self.pieces: list[tuple[int, str]] = []
         self._kept = 0
         self._decoders = {1: codecs.getincrementaldecoder("utf-8")("replace"),
                           2: codecs.getincrementaldecoder("utf-8")("replace")}
+        self._log = None
+        try:
+            self._log = open(log_path, "wb", buffering=0)
+        except OSError as exc:
+            self._stop_log(exc)
 
     def add(self, fd: int, data: bytes, final: bool = False) -> str:
         """Record ``data`` read from ``fd``; return the text it completes (may be empty)."""
         text = self._decoders[fd].decode(data, final)
         if text:
-            self.pieces.append((fd, text))
-            self._kept += len(text)
-            while self._kept > MAX_OUTPUT_KEPT and len(self.pieces) > 1:
-                self._kept -= len(self.pieces.pop(0)[1])
-            self._log.write(text)
-            self._log.flush()
+            self._append(fd, text)
+            if self._log is not None:
+                self._write_log(text)
         return text
 
     def text(self) -> str:
         return "".join(t for _, t in self.pieces)
 
     def close(self) -> None:
-        if not self._log.closed:
-            self._log.close()
+        if self._log is not None:
+            try:
+                self._log.close()
+            except OSError:
+                pass
+            self._log = None
+
+    def _append(self, fd: int, text: str) -> None:
+        self.pieces.append((fd, text))
+        self._kept += len(text)
+        while self._kept > MAX_OUTPUT_KEPT and len(self.pieces) > 1:
+            self._kept -= len(self.pieces.pop(0)[1])
+
+    def _write_log(self, text: str) -> None:
+        data = text.encode("utf-8")
+        room = self.cap - self.log_bytes
+        if len(data) > room:  # the whole characters that fit, then the marker
+            data = data[:max(room, 0)].decode("utf-8", "ignore").encode("utf-8")
+            self.truncated = True
+        try:
+            self._write(data)
+            if self.truncated:
+                marker = self.TRUNCATED.format(cap=self.cap)
+                self._append(2, marker)
+                self._write(marker.encode("utf-8"))
+                self.close()
+        except OSError as exc:
+            self._stop_log(exc)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._log.write(view)  # a short write is followed by the error, if any, on the next
+            if not n:
+                raise OSError(f"wrote nothing of {len(view)} bytes")
+            self.log_bytes += n
+            view = view[n:]
+
+    def _stop_log(self, exc: OSError) -> None:
+        log.warning("cannot write the log %s (%s); no longer writing it, its output stays in memory",
+                    self.log_path, exc.strerror or exc)
+        self.close()
 
 
 @dataclass(eq=False)
@@ -107,6 +166,8 @@ class Proc:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reserved_tokens: int = 0          # prompt + max_tokens of generations in flight (token quota)
+    pending: int = 0                  # its LLM requests not yet answered ([kernel] max_pending)
+    followers: int = 0                # proc.logs follow streams it holds open ([kernel] max_followers)
     limits: dict = field(default_factory=dict)
     layers: dict | None = None        # sandbox layers as attested by the bootstrap (proc.ready)
     rate_bucket: object = None        # kernel.resources.RateBucket when syscall_rate is limited
@@ -140,6 +201,7 @@ class ProcTable:
         self.max_procs = max_procs
         self._by_id: dict[int, Proc] = {}
         self._by_pid: dict[int, Proc] = {}
+        self._by_token: dict[bytes, Proc] = {}  # every agent ever started: a token names one agent for good
         self._next_id = 1
 
     # --- lookups -------------------------------------------------------------------------------------
@@ -149,6 +211,10 @@ class ProcTable:
         if proc is None:
             raise ENOENT(f"no process with id {pid_}; `aiosctl ps` lists them")
         return proc
+
+    def by_token(self, token: bytes) -> Proc | None:
+        """The process (live or ended) that was given routing id ``token`` at launch."""
+        return self._by_token.get(token)
 
     def by_pid(self, pid: int) -> Proc | None:
         """The live process whose OS pid is ``pid``."""
@@ -181,21 +247,29 @@ class ProcTable:
         self._next_id += 1
         scratch = self.runtime_dir / "scratch" / str(pid_)
         scratch.mkdir(mode=0o700, parents=True)
+        policy = make_policy(scratch)  # first: it may mount the scratch dir's own filesystem
         program = scratch / filename
         program.write_text(source, encoding="utf-8")
+        if policy.uid is not None:
+            os.chown(program, policy.uid, policy.gid)
         token = b"A" + secrets.token_bytes(15)  # user-set routing ids must not start with a zero byte
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "LANG": "C.UTF-8",
             "AIOSD_SOCKET": self.kernel_socket, "AIOSD_TOKEN": token.hex(),
             "AIOSD_KERNEL_PID": str(os.getpid()), "AIOSD_PROGRAM": str(program),
-            POLICY_ENV: make_policy(scratch).to_env(),
+            POLICY_ENV: policy.to_env(),
         }
-        output = Output(self.runtime_dir / "logs" / f"{pid_}.log")
+        output = Output(self.runtime_dir / "logs" / f"{pid_}.log",
+                        limits["disk_mb"] * MB if limits.get("disk_mb") else MAX_LOG_BYTES)
         cmd = [sys.executable, "-I", "-S", "-u", "-c", _BOOT, filename, *argv]
-        popen = subprocess.Popen(
-            cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
-        )
+        try:
+            popen = subprocess.Popen(
+                cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
+            )
+        except BaseException:
+            output.close()
+            raise
         proc = Proc(id=pid_, name=name, group=group, pid=popen.pid, token=token, owner=owner,
                     scratch=scratch, output=output, popen=popen, limits=limits)
         for fd_no, pipe in ((1, popen.stdout), (2, popen.stderr)):
@@ -203,6 +277,7 @@ class ProcTable:
             proc.pipes[pipe.fileno()] = fd_no
         self._by_id[pid_] = proc
         self._by_pid[proc.pid] = proc
+        self._by_token[token] = proc
         return proc
 
     def reap(self) -> list[Proc]:

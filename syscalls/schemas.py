@@ -34,7 +34,8 @@ class Limits(Args, omit_defaults=True):
     wall_seconds: Annotated[int, Meta(ge=1)] | None = None      # lifetime
     procs: Annotated[int, Meta(ge=1, le=4096)] | None = None    # processes + threads
     open_files: Annotated[int, Meta(ge=16, le=65536)] | None = None
-    disk_mb: Annotated[int, Meta(ge=1)] | None = None           # bytes written in scratch
+    disk_mb: Annotated[int, Meta(ge=1)] | None = None           # MB allocated in scratch + captured output
+    disk_inodes: Annotated[int, Meta(ge=1)] | None = None       # files + directories in scratch
     llm_tokens: Annotated[int, Meta(ge=1)] | None = None        # prompt + completion tokens (EDQUOT beyond)
     syscall_rate: Annotated[int, Meta(ge=1)] | None = None      # syscalls per second (EAGAIN beyond)
 
@@ -67,7 +68,7 @@ class _Sampling(Args, kw_only=True):
     json_schema: dict[str, Any] | None = None  # constrain the output to JSON matching this schema
     max_tokens: Annotated[int, Meta(ge=1, le=4096)] = 128
     temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
-    top_k: Annotated[int, Meta(ge=0)] = 40
+    top_k: Annotated[int, Meta(ge=0, le=1 << 20)] = 40  # past the vocabulary it changes nothing
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.95
     seed: Annotated[int, Meta(ge=0, lt=1 << 32)] | None = None
     stop: StopT = []

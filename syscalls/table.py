@@ -17,6 +17,7 @@ from syscalls import schemas as S
 from syscalls.errors import EPERM
 
 DEFERRED = object()  # a handler's "the answer comes later through the call"
+LOGS_REPLY_CHARS = 64 << 10  # proc.logs without stream answers with the last this many characters (docs/abi.md)
 
 # Privileges (docs/abi.md section 5).
 BASIC, PROC, LLM, ADMIN = "basic", "proc", "llm", "admin"
@@ -90,7 +91,10 @@ def proc_spawn(k, call, args: S.Spawn):
 def proc_logs(k, call, args: S.Logs):
     proc = _target(k, call, args.id)
     if not args.stream:
-        return {"output": proc.output.text(), **{f: proc.record()[f] for f in ("state", "exit_status", "reason")}}
+        text = proc.output.text()
+        truncated = len(text) > LOGS_REPLY_CHARS
+        return {"output": text[-LOGS_REPLY_CHARS:] if truncated else text, "truncated": truncated,
+                **{f: proc.record()[f] for f in ("state", "exit_status", "reason")}}
     k.follow_logs(proc, call, follow=args.follow)
     return DEFERRED
 
@@ -102,7 +106,7 @@ def llm_generate(k, call, args: S.Generate):
 
 def llm_chat(k, call, args: S.Chat):
     messages = [{"role": m.role, "content": m.content} for m in args.messages]
-    k.llm_submit(call, k.engine.render_chat(messages, model=args.model), args)
+    k.llm_submit(call, None, args, messages=messages)
     return DEFERRED
 
 

@@ -38,7 +38,8 @@ n_batch = 256
 class KernelProc:
     """A running ``aiosd`` process and helpers to talk to it as an operator."""
 
-    def __init__(self, tmp: Path, config: str = TEST_CONFIG):
+    def __init__(self, tmp: Path, config: str = TEST_CONFIG, preexec_fn=None):
+        """``preexec_fn``: run in the kernel's process before it starts (e.g. to lower an rlimit)."""
         self.runtime_dir = tmp / "run"
         self.config_path = tmp / "aiosd.toml"
         self.config_path.write_text(config)
@@ -48,10 +49,10 @@ class KernelProc:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "kernel.main", "--runtime-dir", str(self.runtime_dir),
              "--state-dir", str(STATE_DIR), "--config", str(self.config_path), "--log-level", "INFO"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=preexec_fn,
         )
         self._clients: list[Client] = []
-        self.client = self.new_client()
+        self.client = None  # made once the socket exists: the operator key is written before it
         try:
             self._wait_ready(timeout=60)
         except BaseException:
@@ -65,6 +66,8 @@ class KernelProc:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"aiosd exited with {self.popen.returncode}:\n{self.log()}")
             if sock.exists():
+                if self.client is None:
+                    self.client = self.new_client()
                 try:
                     self.client.call("sys.ping", timeout=1.0)
                     return
