@@ -55,6 +55,7 @@ class LLMSection:
     n_ctx_seq: int = 2048
     n_seq_max: int = 32      # sequence slots: running + preempted + cached sessions
     n_batch: int = 512
+    prefill_chunk: int = 64   # prompt tokens a step carries while others decode (chunked prefill)
     threads: int = 0         # 0: os.cpu_count()
     max_active: int = 16     # sequences decoded together in one step (capped at n_seq_max)
     kv_size: int = 0         # KV cells shared by all sequences; 0: n_ctx_seq * max_active
@@ -175,10 +176,11 @@ def load(path: str | os.PathLike | None) -> Config:
         raise ConfigError(f"{path}: [llm] needs n_seq_max >= 1 and n_ctx_seq >= 64")
     if cfg.llm.scheduler not in POLICIES:
         raise ConfigError(f"{path}: [llm] scheduler must be one of {', '.join(POLICIES)}, got {cfg.llm.scheduler!r}")
-    if cfg.llm.max_active < 1 or cfg.llm.rr_slice < 1 or min(cfg.llm.kv_size, cfg.llm.swap_ram_mb,
-                                                               cfg.llm.swap_disk_mb) < 0:
-        raise ConfigError(f"{path}: [llm] needs max_active >= 1, rr_slice >= 1, kv_size, swap_ram_mb and "
-                          "swap_disk_mb >= 0")
+    llm = cfg.llm
+    if min(llm.max_active, llm.rr_slice, llm.prefill_chunk) < 1 or min(llm.kv_size, llm.swap_ram_mb,
+                                                                        llm.swap_disk_mb) < 0:
+        raise ConfigError(f"{path}: [llm] needs max_active, rr_slice and prefill_chunk >= 1; kv_size, swap_ram_mb "
+                          "and swap_disk_mb >= 0")
     if cfg.llm.default_model and cfg.llm.default_model not in cfg.models:
         raise ConfigError(f"{path}: [llm] default_model {cfg.llm.default_model!r} is not a [models.NAME] section")
     return cfg

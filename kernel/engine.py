@@ -83,6 +83,10 @@ DEFAULT_MODEL = "default"  # the name of the model a request gets when it names 
 # itself would silently use ChatML, whose markers such a model has never seen.
 BUILTIN_CHAT_TEMPLATES = {"gemma": b"gemma", "gemma2": b"gemma", "gemma3": b"gemma", "gemma3n": b"gemma"}
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+DEFAULT_PREFILL_CHUNK = 64  # prompt tokens a step may carry while other sequences are decoding
+GRAMMAR_CANDIDATES = 512  # a grammar-rejected token: first try the grammar on this many most likely tokens
+SESSIONS_PER_OWNER = 4  # evicted idle sessions kept per owner (their snapshots share the swap budget)
+DEFAULT_TOKEN_S = 0.002  # engine seconds a batch token is assumed to cost until a step has been measured
 _REQUEST_IDS = itertools.count(1)  # shared by every engine: a request id names one request in the process
 
 
@@ -192,6 +196,25 @@ class Request:
 
 
 Sink = Callable[[Request, str, object], None]
+
+
+class Prepared:
+    """A request ``Engine.prepare`` made ready: its tokens, a private copy of its params, its C samplers, and the
+    CPU seconds preparing cost.  Hand it to ``Engine.enqueue`` (which takes the samplers) or ``free`` it."""
+
+    __slots__ = ("engine", "tokens", "params", "sampler", "grammar", "cost_s")
+
+    def __init__(self, engine, tokens: list[int], params: SamplingParams, sampler, grammar, cost_s: float):
+        self.engine, self.tokens, self.params = engine, tokens, params
+        self.sampler, self.grammar, self.cost_s = sampler, grammar, cost_s
+
+    def free(self) -> None:
+        """Drop it unqueued (idempotent).  After its engine has freed the model the samplers are only let go:
+        the process is shutting down."""
+        with self.engine._model_lock:
+            if self.engine._model is not None:
+                _free_samplers(self.sampler, self.grammar)
+        self.sampler = self.grammar = None
 class TextStream:
     """Turns one sequence's generated token bytes into text: incremental UTF-8, stop strings, streaming hold-back.
 
@@ -375,6 +398,11 @@ class Engine:
     output).  ``policy``: a ``kernel.scheduler.Policy`` or its name (default FIFO).  Eviction: snapshots in RAM
     up to ``swap_ram_mb``, then in ``swap_dir`` up to ``swap_disk_mb``; ``snapshots=False`` always recomputes.
     ``session_cache=False`` frees a finished request's KV instead of keeping it for its owner's next request.
+    ``prefill_chunk``: prompt tokens one step may carry while other sequences decode (chunked prefill).
+
+    Service.  The policy is charged, per request, the batch tokens it fed each step plus, in tokens of engine
+    time (seconds over the measured cost of a batch token), what its grammar-constrained sampling and its
+    ``prepare`` cost: an agent pays for the engine time its requests take, not only for their tokens.
     """
 
     def __init__(self, model_path: str, sink: Sink, *, n_ctx_seq: int = 2048, n_seq_max: int = 16,
@@ -382,7 +410,7 @@ class Engine:
                  max_active: int | None = None, kv_size: int | None = None, rr_slice: int = 32,
                  swap_ram_mb: int = 512, swap_disk_mb: int = 2048, swap_dir: str | None = None,
                  snapshots: bool = True, share_prefix: bool = False, session_cache: bool = True,
-                 name: str = DEFAULT_MODEL):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, name: str = DEFAULT_MODEL):
         if not 1 <= n_seq_max <= 256:
             raise EngineError("EINVAL", f"n_seq_max must be in 1..256 (llama.cpp's limit), got {n_seq_max}")
         if n_ctx_seq < 2:
@@ -393,6 +421,8 @@ class Engine:
         if n_batch < max_active:
             raise EngineError("EINVAL", f"n_batch ({n_batch}) must be >= max_active ({max_active}): every running "
                               "sequence needs a row in each batch")
+        if prefill_chunk < 1:
+            raise EngineError("EINVAL", f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         kv_size = kv_size or n_ctx_seq * max_active
         if kv_size < n_ctx_seq:
             raise EngineError("EINVAL", f"kv_size ({kv_size}) must be >= n_ctx_seq ({n_ctx_seq}): one sequence of "
@@ -409,6 +439,7 @@ class Engine:
         self.max_active = max_active
         self.kv_size = kv_size
         self.n_batch = n_batch
+        self.prefill_chunk = prefill_chunk
         self.n_threads = n_threads or os.cpu_count() or 1
         self.share_prefix = share_prefix
         self.session_cache = session_cache
@@ -452,6 +483,8 @@ class Engine:
         self._cur = None  # numpy llama_token_data[n_vocab] for constrained sampling
         self._vocab_ids = None  # numpy 0..n_vocab-1
         self._one = np.zeros(1, _TOKEN_DATA)
+        self._top = np.zeros(GRAMMAR_CANDIDATES, _TOKEN_DATA)
+        self._token_s = DEFAULT_TOKEN_S  # engine seconds one batch token costs (a moving average of steps)
 
     @property
     def model_name(self) -> str:
@@ -528,7 +561,7 @@ class Engine:
                stream: bool = False, priority: int = 0, key=None) -> Request:
         """Queue a generation of ``prompt`` (text, tokenized here with BOS and special tokens; or token ids used
         as given) and return its handle at once; its events go to the sink.  A queued request waits, never
-        dropped, until the policy runs it and a slot and KV cells are free.
+        dropped, until the policy runs it and a slot and KV cells are free.  ``prepare`` then ``enqueue``.
 
         ``owner`` (an agent id) is whom the fair policy accounts and whose cached prefixes the request may reuse;
         ``priority`` weights the fair policy (the owner's group priority); ``key`` (hashable) lets
@@ -536,8 +569,22 @@ class Engine:
         (the prompt leaves no room for one token in the per-sequence context), ``ECANCELED`` (the engine is
         closed), ``EIO`` (not started).
         """
+        return self.enqueue(self.prepare(prompt, params), owner=owner, tag=tag, stream=stream, priority=priority,
+                            key=key)
+
+    def prepare(self, prompt: str | list[int] | None, params: SamplingParams, *,
+                messages: list[dict] | None = None) -> "Prepared":
+        """Everything ``submit`` does before queueing, on the caller's thread: check ``params``, render
+        ``messages`` (if given, instead of ``prompt``) with the chat template, tokenize, build the json_schema
+        grammar and the C samplers.  This is the costly part of a submission (a 1 MiB prompt takes ~1 s to
+        tokenize, a large grammar as long to parse), so the kernel calls it from a worker thread with a large
+        stack (kernel/prep.py), never from its event loop.  Raises as ``submit``; the result must be given to
+        ``enqueue`` or ``free``d."""
+        started = time.thread_time()
         check_params(params)
         grammar_text = schema_grammar(params.json_schema) if params.json_schema is not None else None
+        if messages is not None:
+            prompt = self.render_chat(messages)
         if isinstance(prompt, str):
             tokens = self.tokenize(prompt)
         else:
@@ -557,17 +604,31 @@ class Engine:
         with self._model_lock:
             self._require_model()
             sampler, grammar = self._make_samplers(params, grammar_text)
+        return Prepared(self, tokens, params, sampler, grammar, time.thread_time() - started)
+
+    def enqueue(self, prep: "Prepared", *, max_tokens: int | None = None, owner=None, tag=None,
+                stream: bool = False, priority: int = 0, key=None) -> Request:
+        """Queue a request ``prepare`` made (by this engine), with at most ``max_tokens`` (default: its params')
+        and return its handle; arguments as ``submit``.  The fair policy charges the owner for what preparing
+        cost, in tokens of engine time.  ``prep`` is consumed even when this raises ``ECANCELED``."""
+        if prep.engine is not self or prep.sampler is None:
+            raise ValueError("enqueue takes a Prepared of this engine, once")
+        if max_tokens is not None:
+            prep.params.max_tokens = max(1, min(prep.params.max_tokens, max_tokens))
+        sampler, grammar = prep.sampler, prep.grammar
+        prep.sampler = prep.grammar = None
         try:
             with self._lock:
                 if self._closed:
                     raise EngineError("ECANCELED", "the engine is shutting down")
-                req = Request(next(_REQUEST_IDS), tokens, params, owner, tag, bool(stream), int(priority), key,
-                              self.name)
+                req = Request(next(_REQUEST_IDS), prep.tokens, prep.params, owner, tag, bool(stream), int(priority),
+                              key, self.name)
                 req._sampler, req._grammar = sampler, grammar
                 self._pending[req.id] = req
                 if key is not None:
                     self._by_key[key] = req
                 self._policy.add(req)
+                self._policy.charge(req, self._token_equivalent(prep.cost_s))
                 self._wake.notify()
         except BaseException:
             _free_samplers(sampler, grammar)
@@ -863,7 +924,8 @@ class Engine:
         elif isinstance(src, _Session):  # restore an evicted idle session, then cut it back to the prefix
             if not self._free_up(True, max(need, len(src.tokens)), keep, wanted):
                 return False
-            self._sessions.remove(src)
+            if src in self._sessions:  # making room may have dropped it (_keep_session)
+                self._sessions.remove(src)
             slot = self._attach(seq)
             if src.snapshot.dropped:  # making room dropped it: prefill after all
                 p = 0
@@ -951,8 +1013,18 @@ class Engine:
         else:
             snap = self._ctxmgr.evict(slot.seq_id, len(slot.cache), droppable=True)
             if snap is not None:
-                self._sessions.append(_Session(slot.owner, slot.cache, snap, slot.complete_from))
+                self._keep_session(_Session(slot.owner, slot.cache, snap, slot.complete_from))
             slot.cache = slot.owner = None
+
+    def _keep_session(self, sess: "_Session") -> None:
+        """Keep an evicted idle session, and at most ``SESSIONS_PER_OWNER`` of its owner's (the oldest go): one
+        agent's stream of one-off requests must not fill the swap budget that every agent's sessions share."""
+        self._sessions.append(sess)
+        mine = [s for s in self._sessions if s.owner == sess.owner]
+        for old in mine[:-SESSIONS_PER_OWNER]:
+            self._sessions.remove(old)
+            old.snapshot.dropped = True  # a request about to restore it (_make_resident) prefills instead
+            self._ctxmgr.discard(old.snapshot)
 
     def _attach(self, seq: _Seq, slot: _Slot | None = None) -> _Slot:
         slot = slot or next(s for s in self._slots if s.free)
@@ -971,8 +1043,10 @@ class Engine:
     # -- one batch --
 
     def _fit_step(self, plan: list[_Seq]) -> list[tuple[_Seq, int]]:
-        """The rows of this step, ``[(seq, n_tokens)]``: one for every decoding sequence, then prompt chunks
-        until ``n_batch``; evicting idle and preempted sequences, and then leaving the least preferred of the
+        """The rows of this step, ``[(seq, n_tokens)]``: one for every decoding sequence, then prompt chunks in
+        the plan's order until ``n_batch`` -- or, while any sequence is decoding, until ``prefill_chunk``
+        prompt tokens (chunked prefill: a long prompt must not stall the streams around it for a whole
+        ``n_batch`` step); evicting idle and preempted sequences, and then leaving the least preferred of the
         plan out, until the step's new tokens fit the KV pool."""
         while True:
             rows, n = [], 0
@@ -980,10 +1054,11 @@ class Engine:
                 if len(seq.tokens) - seq.n_past == 1:
                     rows.append((seq, 1))
                     n += 1
+            cap = min(self.n_batch, n + self.prefill_chunk) if n else self.n_batch
             for seq in plan:
                 left = len(seq.tokens) - seq.n_past
-                if left > 1 and n < self.n_batch:
-                    k = min(left, self.n_batch - n)
+                if left > 1 and n < cap:
+                    k = min(left, cap - n)
                     rows.append((seq, k))
                     n += k
             if self._kv_used() + n <= self.kv_size or not plan:
@@ -1022,6 +1097,7 @@ class Engine:
         """Decode the batch.  On success advance every sequence, charge the policy and return True.  When the
         KV pool has no room after all, evict and let the next step retry; on any other failure fail the
         sequences in the batch with EIO (the engine goes on serving the others).  False: nothing to sample."""
+        started = time.perf_counter()
         ret = llama_cpp.llama_decode(self._ctx, self._batch)
         if ret == 1:  # no KV slot: the pool is fragmented or our count is off; make room, retry next step
             log.warning("engine: llama_decode found no KV room for %d tokens; evicting", self._batch.n_tokens)
@@ -1040,6 +1116,8 @@ class Engine:
             n_prompt += max(0, min(seq.n_past + k, len(seq.req.tokens)) - seq.n_past)
             seq.n_past += k
             seq.last_ran = self._step_no
+        n = self._batch.n_tokens
+        self._token_s += 0.1 * ((time.perf_counter() - started) / n - self._token_s)
         with self._lock:
             self._stats["steps"] += 1
             self._stats["prompt_tokens"] += n_prompt
@@ -1047,13 +1125,24 @@ class Engine:
                 self._policy.charge(seq.req, k)
         return True
 
+    def _token_equivalent(self, seconds: float) -> float:
+        """``seconds`` of engine time in batch tokens (what the policies count service in)."""
+        return seconds / self._token_s if seconds > 0 else 0.0
+
     def _sample(self, rows: list[tuple[_Seq, int]]) -> None:
         """Sample the next token of every sequence that has logits this step, and retire the finished ones."""
         n_new = 0
         for seq, _ in rows:
             if seq.row < 0:
                 continue
-            token = self._sample_one(seq)
+            if seq.grammar is None:
+                token = self._sample_one(seq)
+            else:  # constrained sampling can cost many steps' time: charged to its owner as tokens
+                started = time.perf_counter()
+                token = self._sample_one(seq)
+                cost = self._token_equivalent(time.perf_counter() - started)
+                with self._lock:
+                    self._policy.charge(seq.req, cost)
             seq.turn += 1
             if token < 0 or llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 self._complete(seq, "stop")
@@ -1074,11 +1163,16 @@ class Engine:
         """The next token from the sequence's row: its C sampler chain, constrained by its grammar if any."""
         if seq.grammar is None:
             return llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
-        # As llama.cpp's common_sampler: sample unconstrained, and only if the grammar rejects that token apply
-        # the grammar to the whole vocabulary (~50 ms for 262k tokens) and sample again.
+        # As llama.cpp's common_sampler: sample unconstrained, and only if the grammar rejects that token sample
+        # again under the grammar -- first among the GRAMMAR_CANDIDATES most likely tokens (about 1 ms), and only
+        # if it allows none of those over the whole vocabulary (~50-250 ms for 262k tokens, during which every
+        # other sequence of the batch waits).  Greedy choices are exactly those of the full-vocabulary
+        # pass; a sampled one is drawn from the most likely allowed tokens, as under top_k = GRAMMAR_CANDIDATES.
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, seq.row), shape=(self._n_vocab,))
         token = self._apply(seq.sampler, logits)
         if token < 0 or not self._allows(seq.grammar, token):
+            token = self._apply_top(seq.sampler, logits, seq.grammar)
+        if token < 0:
             token = self._apply(seq.sampler, logits, seq.grammar)
         if token >= 0:
             llama_cpp.llama_sampler_accept(seq.grammar, token)
@@ -1106,12 +1200,31 @@ class Engine:
         cur["p"] = 0.0
         arr = llama_cpp.llama_token_data_array(cur.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
                                                self._n_vocab, -1, False)
+        return self._select(arr, chain, grammar)
+
+    @staticmethod
+    def _select(arr, chain, grammar) -> int:
+        """Apply ``grammar`` (if any) then ``chain`` to the candidates ``arr``: the token selected, or -1 when
+        none is selectable."""
         if grammar is not None:
             llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(arr))
         if not 0 <= arr.selected < arr.size or math.isinf(arr.data[arr.selected].logit):
             return -1
         return int(arr.data[arr.selected].id)
+
+    def _apply_top(self, chain, logits, grammar) -> int:
+        """As ``_apply`` with ``grammar``, over the ``GRAMMAR_CANDIDATES`` tokens of highest logit only."""
+        top = self._top
+        if self._n_vocab <= len(top):
+            return -1  # a small vocabulary: the whole-vocabulary pass is as cheap
+        ids = np.argpartition(logits, -len(top))[-len(top):]
+        top["id"] = ids
+        top["logit"] = logits[ids]
+        top["p"] = 0.0
+        arr = llama_cpp.llama_token_data_array(top.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                                               len(top), -1, False)
+        return self._select(arr, chain, grammar)
 
     def _piece(self, token: int) -> bytes:
         """The bytes of ``token`` (control tokens render as nothing)."""
@@ -1249,7 +1362,7 @@ class Engines:
                           max_active=min(pick("max_active"), pick("n_seq_max")), kv_size=pick("kv_size") or None,
                           rr_slice=llm.rr_slice, swap_ram_mb=llm.swap_ram_mb, swap_disk_mb=llm.swap_disk_mb,
                           swap_dir=os.path.join(swap_dir, name) if swap_dir else None, snapshots=llm.snapshots,
-                          share_prefix=llm.share_prefix)
+                          share_prefix=llm.share_prefix, prefill_chunk=llm.prefill_chunk)
 
         engines = {DEFAULT_MODEL: make(DEFAULT_MODEL, model_path)}
         for name, section in models.items():
@@ -1291,6 +1404,12 @@ class Engines:
 
     def submit(self, prompt, params: SamplingParams, *, model: str | None = None, **kw) -> Request:
         return self.get(model).submit(prompt, params, **kw)
+
+    def prepare(self, prompt, params: SamplingParams, *, model: str | None = None, messages=None) -> Prepared:
+        return self.get(model).prepare(prompt, params, messages=messages)
+
+    def enqueue(self, prep: Prepared, **kw) -> Request:
+        return prep.engine.enqueue(prep, **kw)
 
     def cancel(self, request: Request) -> bool:
         return self._engines[request.model].cancel(request)

@@ -22,6 +22,7 @@ import zmq
 
 from kernel.config import Config
 from kernel.engine import EngineError, Engines, SamplingParams
+from kernel.prep import Preparer
 from kernel.proc import Proc, ProcTable, State
 from kernel.router import Call, Router
 from kernel.resources import RateBucket, ResourceManager, check_tokens, effective_limits
@@ -29,7 +30,7 @@ from sandbox.host import Host
 from sandbox.linux import become_subreaper
 from syscalls import codec
 from syscalls.address import OPERATOR_KEY_NAME
-from syscalls.errors import EAGAIN, ENOENT, EPERM, error_for
+from syscalls.errors import EAGAIN, ENOENT, EPERM, SyscallError, error_for
 
 log = logging.getLogger("aiosd")
 
@@ -52,6 +53,8 @@ class Kernel:
         self.pidfile = self.runtime_dir / "aiosd.pid"
         self.procs = ProcTable(self.runtime_dir, self.endpoint, config.kernel.max_procs)
         self.engine: Engines | None = None
+        self.preparer: Preparer | None = None
+        self._preparing: dict[Call, tuple[bool, int]] = {}  # LLM calls being prepared -> (stream, priority)
         self.router: Router | None = None
         self._events: collections.deque = collections.deque()
         self._followers: dict[int, list[Call]] = {}
@@ -97,6 +100,7 @@ class Kernel:
             self.engine = Engines.from_config(self.config.llm, self.config.models, self.model_path,
                                               self._on_engine_event, swap_dir=str(self.runtime_dir / "swap"))
             self.engine.start()
+            self.preparer = Preparer(self._on_prepared)
         except EngineError as exc:
             raise KernelError(f"cannot load the model {self.model_path}: {exc}") from None
         self.ctx = zmq.Context()
@@ -177,6 +181,8 @@ class Kernel:
             self._reap()
         self.host.close()
         self.resources.disk.close()  # finishes removing the scratch dirs of the agents reaped above
+        if self.preparer is not None:
+            self.preparer.close()  # before the engine: a running preparation uses its model
         if self.engine is not None:
             self.engine.close()
             self._drain_engine_events()
@@ -241,7 +247,7 @@ class Kernel:
         if proc.alive:
             proc.kill_reason = proc.kill_reason or reason
             self.host.kill(proc.id, proc.pid)
-        self.engine.cancel_owner(proc.id)
+        self._cancel_llm(proc)
 
     def _enforce_limits(self) -> None:
         """Kill every agent over a limit (its whole group), recording why; others are untouched.  Once a
@@ -298,7 +304,7 @@ class Kernel:
                 proc.reason = self.host.death_reason(proc.id) or proc.reason
             mount = self.host.release(proc.id)
             self.resources.disk.forget(proc.id, proc.scratch, unmount=bool(mount))  # removed off the loop
-            self.engine.cancel_owner(proc.id)
+            self._cancel_llm(proc)
             self.router.forget(proc)
             self._end_follows(proc)
             log.info("agent %d (%s) ended: %s %s", proc.id, proc.name, proc.state.value,
@@ -340,34 +346,96 @@ class Kernel:
 
     # --- LLM -----------------------------------------------------------------------------------------
     def llm_submit(self, call: Call, prompt: str | None, args, messages: list | None = None) -> None:
-        """Queue a generation of ``prompt`` (or of ``messages`` rendered with the model's chat template) for
-        ``call``; its chunks and reply come back through the engine's events.
+        """Start a generation of ``prompt`` (or of ``messages`` rendered with the model's chat template) for
+        ``call``: checked here, prepared (rendered, tokenized, grammar built) by the preparer's worker, queued
+        on the engine by ``_prepared``; its chunks and reply come back through the engine's events.
 
-        An agent has at most ``[kernel] max_pending`` requests unanswered (EAGAIN beyond).  Its token quota is
-        checked and reserved here (EDQUOT), and max_tokens clamped to what is left.  Engine errors become the
-        ABI error of the same code (a NUL in a message is EINVAL, an oversized schema EINVAL, ...).
+        An agent has at most ``[kernel] max_pending`` requests unanswered, preparing or queued (EAGAIN beyond).
+        Its token quota is checked here and again, with the prompt's tokens, before queueing (EDQUOT); max_tokens
+        is clamped to what is left.  Engine errors become the ABI error of the same code (a NUL in a message is
+        EINVAL, an oversized schema EINVAL, an unknown model ENOENT, ...).
         """
         proc = call.caller.proc
         if proc is not None and proc.pending >= self.config.kernel.max_pending:
             raise EAGAIN(f"agent {proc.id} has {proc.pending} LLM requests pending ([kernel] max_pending); "
                          "wait for one to finish")
+        if proc is not None:
+            check_tokens(proc, 0, args.max_tokens)
         group = self.config.groups.get(call.caller.group)
         try:
-            if messages is not None:
-                prompt = self.engine.render_chat(messages, model=args.model)
-            tokens = self.engine.tokenize(prompt, model=args.model)
-            max_tokens = check_tokens(proc, len(tokens), args.max_tokens) if proc else args.max_tokens
-            params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, seed=args.seed, stop=list(args.stop),
-                                    json_schema=args.json_schema)
-            self.engine.submit(tokens, params, model=args.model, owner=proc.id if proc else None, tag=call,
-                               stream=args.stream, priority=group.priority if group else 0, key=call.key)
+            engine = self.engine.get(args.model)
         except EngineError as exc:
             raise error_for(exc.code, str(exc)) from None
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, stop=list(args.stop), json_schema=args.json_schema)
+        self._preparing[call] = (bool(args.stream), group.priority if group else 0)
+        self.preparer.submit(proc.id if proc else None, call,
+                             lambda: engine.prepare(prompt, params, messages=messages))
         if proc is not None:
-            call.reserved = len(tokens) + max_tokens
-            proc.reserved_tokens += call.reserved
             proc.pending += 1
+
+    def llm_cancel(self, call: Call, rid: int) -> bool:
+        """llm.cancel: end the caller's own request ``rid`` (on the same connection) with ECANCELED, whether it
+        is still being prepared or queued on the engine.  False when there is no such request."""
+        key = (call.routing_id, rid)
+        for pending in list(self._preparing):
+            if pending.key == key and not pending.done:
+                if self.preparer.cancel(pending):
+                    del self._preparing[pending]
+                self._end_llm_call(pending)
+                pending.fail("ECANCELED", "the request was cancelled")
+                return True
+        return self.engine.cancel_key(key)
+
+    def _cancel_llm(self, proc: Proc) -> None:
+        """End every LLM request of ``proc``: queued preparations dropped, engine requests cancelled."""
+        for call in self.preparer.drop_owner(proc.id):
+            self._preparing.pop(call, None)
+            self._end_llm_call(call)
+            call.fail("ECANCELED", "the agent ended")
+        self.engine.cancel_owner(proc.id)
+
+    def _end_llm_call(self, call: Call) -> None:
+        """``call`` no longer counts against its caller's pending cap and token reservation (idempotent)."""
+        proc = call.caller.proc
+        if proc is not None and not call.ended:
+            proc.reserved_tokens -= call.reserved
+            proc.pending -= 1
+        call.reserved, call.ended = 0, True
+
+    def _on_prepared(self, call: Call, prep, error: BaseException | None) -> None:
+        """Preparer worker: hand the outcome to the main thread, as engine events are."""
+        self._on_engine_event(call, "prepared", (prep, error))
+
+    def _prepared(self, call: Call, prep, error: BaseException | None) -> None:
+        """Main thread: queue a prepared request on its engine, or answer why it cannot run."""
+        entry = self._preparing.pop(call, None)
+        proc = call.caller.proc
+        if entry is None or call.done or (proc is not None and not proc.alive):  # cancelled, or its agent ended
+            if prep is not None:
+                prep.free()
+            self._end_llm_call(call)
+            return
+        if error is not None:
+            self._end_llm_call(call)
+            if not isinstance(error, EngineError):
+                log.error("preparing an LLM request failed", exc_info=error)
+                error = EngineError("EIO", f"the kernel could not prepare this request ({type(error).__name__})")
+            call.fail(error.code, error.message)
+            return
+        stream, priority = entry
+        try:
+            max_tokens = check_tokens(proc, len(prep.tokens), prep.params.max_tokens) if proc else None
+            self.engine.enqueue(prep, max_tokens=max_tokens, owner=proc.id if proc else None, tag=call,
+                                stream=stream, priority=priority, key=call.key)
+        except (EngineError, SyscallError) as exc:
+            prep.free()
+            self._end_llm_call(call)
+            call.fail(exc.code, exc.message)
+            return
+        if proc is not None:
+            call.reserved = len(prep.tokens) + prep.params.max_tokens
+            proc.reserved_tokens += call.reserved
 
     def _on_engine_event(self, request, kind: str, payload) -> None:
         """Engine thread: hand the event to the main thread."""
@@ -386,18 +454,19 @@ class Kernel:
         events = self._events
         while events:
             request, kind, payload = events.popleft()
+            if kind == "prepared":
+                self._prepared(request, *payload)
+                continue
             call: Call = request.tag
             if kind == "chunk":
                 call.chunk(payload)
                 continue
             proc = call.caller.proc
             usage = payload["usage"] if kind == "done" else getattr(payload, "usage", None)
-            if proc is not None:
-                proc.reserved_tokens -= call.reserved
-                proc.pending -= 1
-                if usage:  # cancelled, failed and killed requests are charged what they computed, too
-                    proc.prompt_tokens += usage["prompt_tokens"]
-                    proc.completion_tokens += usage["completion_tokens"]
+            self._end_llm_call(call)
+            if proc is not None and usage:  # cancelled, failed and killed requests are charged what they computed
+                proc.prompt_tokens += usage["prompt_tokens"]
+                proc.completion_tokens += usage["completion_tokens"]
             if kind == "done":
                 call.reply(payload)
             else:

@@ -69,15 +69,17 @@ class Caller:
 
 class Call:
     """One request in flight: answers go back to the connection it came from, chunks numbered from 0.
-    ``reserved`` is the LLM tokens reserved for it against its caller's quota (kernel.llm_submit)."""
+    For an LLM call, ``reserved`` is the tokens reserved for it against its caller's quota and ``ended`` tells
+    that it no longer counts against the caller's pending cap (kernel.llm_submit)."""
 
-    __slots__ = ("router", "rid", "routing_id", "caller", "seq", "done", "reserved")
+    __slots__ = ("router", "rid", "routing_id", "caller", "seq", "done", "reserved", "ended")
 
     def __init__(self, router: "Router", rid: int, routing_id: bytes, caller: Caller):
         self.router, self.rid, self.routing_id, self.caller = router, rid, routing_id, caller
         self.seq = 0
         self.done = False
         self.reserved = 0
+        self.ended = False
 
     @property
     def key(self) -> tuple[bytes, int]:

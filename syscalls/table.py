@@ -112,7 +112,7 @@ def llm_chat(k, call, args: S.Chat):
 
 def llm_cancel(k, call, args: S.Cancel):
     # Keyed by the caller's connection: a caller can only ever name its own requests.
-    return {"cancelled": k.engine.cancel_key((call.routing_id, args.id))}
+    return {"cancelled": k.llm_cancel(call, args.id)}
 
 
 TABLE: dict[str, Syscall] = {
