@@ -1,9 +1,10 @@
 """The agent SDK: what an agent program imports to make syscalls.
 
-    from agentproc import llm, proc, ping
+    from agentproc import llm, proc, ping, storage
     print(llm.generate("The capital of France is", max_tokens=8).text)
+    storage.put("notes/today.md", "Paris")
 
 ABI errors are raised as exceptions named after their codes (``agentproc.errors``).
 """
-from agentproc import errors, llm, proc  # noqa: F401
+from agentproc import errors, llm, memory, proc, storage  # noqa: F401
 from agentproc.client import Client, connect, default, ping  # noqa: F401

@@ -1,4 +1,4 @@
-"""``aiosctl``: control a running kernel (run, ps, kill, logs, status, shutdown).
+"""``aiosctl``: control a running kernel (run, ps, kill, logs, status, shutdown, storage).
 
 Exit status: 0 success; 1 the kernel refused (the ABI error is printed); 2 usage; 3 no kernel is running at
 the runtime dir.  ``run --wait`` exits with the agent's own status (128 + signal when it was killed).
@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from agentproc import storage
 from agentproc.client import Client
 from syscalls import address as codec
 from syscalls.errors import ETIMEDOUT, SyscallError
@@ -49,10 +50,12 @@ LIMIT_FLAGS = {  # aiosctl run flag -> ABI limit key (docs/abi.md, proc.spawn)
     "disk_mb": "MB in its scratch dir plus its captured output",
     "disk_inodes": "files + directories in its scratch dir", "llm_tokens": "LLM tokens (prompt + completion)",
     "syscall_rate": "syscalls per second",
+    "storage_mb": "MB its storage and memory namespace keeps", "storage_keys": "keys + memory entries it keeps",
 }
 _LIMIT_SHORT = {"memory_mb": ("mem", "M"), "cpu_seconds": ("cpu", "s"), "wall_seconds": ("wall", "s"),
                 "procs": ("procs", ""), "open_files": ("fds", ""), "disk_mb": ("disk", "M"),
-                "disk_inodes": ("inodes", ""), "llm_tokens": ("tokens", ""), "syscall_rate": ("rate", "/s")}
+                "disk_inodes": ("inodes", ""), "llm_tokens": ("tokens", ""), "syscall_rate": ("rate", "/s"),
+                "storage_mb": ("store", "M"), "storage_keys": ("keys", "")}
 
 
 def _limits(record: dict) -> str:
@@ -154,6 +157,36 @@ def cmd_shutdown(c: Client, a) -> int:
     return 0
 
 
+def cmd_storage(c: Client, a) -> int:
+    """``storage ls|get|put|versions|rollback NAMESPACE [KEY]``: an operator's view of any namespace."""
+    ns = a.namespace
+    if a.action == "ls":
+        for e in storage.list(a.key or "", namespace=ns, client=c):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime))
+            print(f"{e.key}\tv{e.version}\t{e.size}\t{e.content_type}\t{when}")
+        return 0
+    if not a.key:
+        raise SystemExit(f"aiosctl storage {a.action} needs a KEY after the namespace")
+    if a.action == "get":
+        value = storage.get(a.key, version=a.version, namespace=ns, client=c)
+        sys.stdout.buffer.write(value.data)
+        sys.stdout.flush()
+    elif a.action == "put":
+        data = sys.stdin.buffer.read() if a.file in (None, "-") else open(a.file, "rb").read()
+        v = storage.put(a.key, data, content_type=a.content_type, if_version=a.if_version, namespace=ns, client=c)
+        print(f"{v.key} v{v.version} {v.size} bytes sha256 {v.sha256}")
+    elif a.action == "versions":
+        for v in storage.versions(a.key, namespace=ns, client=c):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.mtime))
+            print(f"v{v.version}\t{'deleted' if v.deleted else v.size}\t{v.sha256[:16]}\t{when}")
+    elif a.action == "rollback":
+        if a.version is None:
+            raise SystemExit("aiosctl storage rollback needs --version N (see `aiosctl storage versions`)")
+        v = storage.rollback(a.key, a.version, namespace=ns, client=c)
+        print(f"{v.key} is now v{v.version} (the content of v{a.version})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="aiosctl", description="Control a running aiosd kernel.")
     ap.add_argument("--runtime-dir", default=codec.default_runtime_dir(),
@@ -184,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
     sub.add_parser("shutdown", help="stop the kernel and its agents").set_defaults(fn=cmd_shutdown)
+    p = sub.add_parser("storage", help="read and write any agent's storage (its launch name is its namespace)")
+    p.add_argument("action", choices=("ls", "get", "put", "versions", "rollback"))
+    p.add_argument("namespace")
+    p.add_argument("key", nargs="?", help="the key (for ls: a prefix)")
+    p.add_argument("--version", type=int, help="get: that version; rollback: the version to restore")
+    p.add_argument("--file", help="put: read the value from FILE (default: standard input)")
+    p.add_argument("--content-type", help="put: the value's content type")
+    p.add_argument("--if-version", type=int, help="put: only if the key is at this version (0: absent)")
+    p.set_defaults(fn=cmd_storage)
     a = ap.parse_args(argv)
     try:
         client = _client(a.runtime_dir, a.timeout)

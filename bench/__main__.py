@@ -1,11 +1,14 @@
 """``make bench``: run every benchmark, print its ratios, write bench/results.json.
 
-``python -m bench NAME...`` runs only the named ones (abi, llm, fuzz, soak)."""
+``python -m bench NAME...`` runs only the named ones (abi, llm, storage, memory, fuzz, soak)."""
+import os
 import sys
 
-from bench import abi, fuzz, llm, soak
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the kernel runs (kernel/main.py), before numpy loads
 
-ALL = {"abi": abi.main, "llm": llm.main, "fuzz": fuzz.main, "soak": soak.main}
+from bench import abi, fuzz, llm, memory, soak, storage
+
+ALL = {"abi": abi.main, "llm": llm.main, "storage": storage.main, "memory": memory.main, "fuzz": fuzz.main, "soak": soak.main}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or ALL:

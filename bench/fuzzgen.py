@@ -25,7 +25,11 @@ import msgpack
 
 # Every syscall in syscalls/table.py (tests/escape/test_fuzz.py checks that the two agree).
 SYSCALLS = ("sys.ping", "sys.shutdown", "sys.status", "proc.self", "proc.ready", "proc.list", "proc.kill",
-            "proc.spawn", "proc.logs", "llm.generate", "llm.chat", "llm.cancel")
+            "proc.spawn", "proc.logs", "llm.generate", "llm.chat", "llm.cancel", "storage.put", "storage.get",
+            "storage.stat", "storage.list", "storage.delete", "storage.versions", "storage.rollback", "memory.add",
+            "memory.get", "memory.list", "memory.delete", "memory.search", "memory.stats")
+KEYS = ("a", "notes/today.md", "../x", "/etc/passwd", "a/../../b", "a//b", "a/", ".", "..", ".aiosd/m", "a\x00b",
+        "a\\b", "", "x" * 1025, "/".join(["d"] * 40), "\u202e", "ü/名前")
 LLM_CALLS = ("llm.generate", "llm.chat")
 KINDS = {  # kind -> weight
     "bytes": 12, "truncated": 12, "bitflip": 18, "envelope": 12, "huge": 3, "nested": 5, "syscall": 22,
@@ -233,7 +237,55 @@ class Frames:
                     "limits": lambda: e(lambda: {"memory_mb": r.choice(INTS), "syscall_rate": r.choice(INTS)})}
         if name in LLM_CALLS:
             return self.sampling(name)
+        if name.startswith("storage."):
+            return self.storage_fields(name)
+        if name.startswith("memory."):
+            return self.memory_fields(name)
         return {}  # NoArgs: any field is unknown
+
+    def memory_fields(self, name: str) -> dict:
+        """Fields of the memory calls: texts and queries of every kind, metadata maps and filters with odd
+        values, ids of anyone, edge k and limits."""
+        r, e = self.r, self.either
+        meta = lambda: e(lambda: {self.text(r.randint(0, 8)): r.choice((self.text(), 1, 1.5, True, None, [1]))  # noqa: E731
+                                  for _ in range(r.choice((0, 1, 3, 33)))}, 0.8)
+        f = {"namespace": lambda: r.choice((None, None, "other-agent", "", self.value()))}
+        if name == "memory.add":
+            f.update(text=lambda: e(lambda: self.text(r.choice((1, 20, 300, 5000))), 0.9), metadata=meta)
+        elif name in ("memory.get", "memory.delete"):
+            f.update(id=lambda: e(lambda: r.choice((1, 2, 17, 0, -1, 2**63 - 1, 2**63)), 0.9))
+        elif name == "memory.list":
+            f.update(after=lambda: r.choice((0, 5, -1, 2**63)), limit=lambda: r.choice((1, 100, 1000, 1001, 0)),
+                     filter=meta)
+        elif name == "memory.search":
+            f.update(query=lambda: e(lambda: self.text(r.choice((0, 3, 50, 5000))), 0.9),
+                     k=lambda: r.choice((1, 5, 100, 101, 0, -1)), filter=meta,
+                     mode=lambda: r.choice(("hybrid", "embedding", "keyword", "sql", 1)))
+        return f
+
+    def storage_fields(self, name: str) -> dict:
+        """Fields of the storage calls: hostile keys, other namespaces, edge offsets, versions and sizes."""
+        r, e = self.r, self.either
+        version = lambda: r.choice((0, 1, 2, 17, -1, 2**63 - 1, 2**63))  # noqa: E731
+        f = {"key": lambda: e(lambda: r.choice(KEYS), 0.9),
+             "namespace": lambda: r.choice((None, "other-agent", "", "x" * 65, self.value()))}
+        if name == "storage.put":
+            f.update(data=lambda: e(lambda: r.randbytes(r.choice((0, 1, 100, 4000))), 0.8),
+                     content_type=lambda: r.choice((None, "text/plain", "", "x" * 256, "a\x00b")),
+                     if_version=version, offset=lambda: r.choice((0, 0, 1, 100, -1, 2**63)),
+                     final=lambda: e(lambda: r.random() < 0.7, 0.9))
+        elif name == "storage.get":
+            f.update(version=version, offset=lambda: r.choice((0, 5, 2**40, -1)),
+                     length=lambda: r.choice((None, 0, 10, 2**62, -5)))
+        elif name == "storage.list":
+            del f["key"]
+            f.update(prefix=lambda: r.choice(("", "a", "notes/", "%", self.text())), after=lambda: self.text(3),
+                     limit=lambda: r.choice((1, 100, 1000, 1001, 0, -1)))
+        elif name == "storage.delete":
+            f.update(if_version=version, purge=lambda: e(lambda: r.random() < 0.5, 0.9))
+        elif name == "storage.rollback":
+            f.update(version=version, if_version=version)
+        return f
 
     def sampling(self, name: str) -> dict:
         """Fields of ``llm.generate`` / ``llm.chat``: edge values of every sampling parameter, random schemas."""

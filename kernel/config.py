@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from kernel.resources import LIMIT_KEYS
 from kernel.scheduler import POLICIES
 from syscalls.codec import DEFAULT_MAX_FRAME
-from syscalls.table import ADMIN, BASIC, LLM, PRIVILEGES, PROC
+from syscalls.table import ADMIN, BASIC, LLM, MEMORY, PRIVILEGES, PROC, STORAGE
 
 @dataclass(frozen=True)
 class Group:
@@ -24,16 +24,18 @@ class Group:
 
 
 DEFAULT_GROUPS: dict[str, Group] = {
-    "admin": Group(frozenset({BASIC, PROC, LLM, ADMIN}), priority=10, allow_fork=True),
-    "trusted": Group(frozenset({BASIC, PROC, LLM}), priority=5, allow_fork=True,
-                     limits={"memory_mb": 2048, "procs": 256, "open_files": 1024}),
-    "default": Group(frozenset({BASIC, PROC, LLM}), priority=0,
+    "admin": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY, ADMIN}), priority=10, allow_fork=True),
+    "trusted": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY}), priority=5, allow_fork=True,
+                     limits={"memory_mb": 2048, "procs": 256, "open_files": 1024, "storage_mb": 4096,
+                             "storage_keys": 1_000_000}),
+    "default": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY}), priority=0,
                      limits={"memory_mb": 512, "cpu_seconds": 600, "procs": 64, "open_files": 256,
-                             "disk_mb": 256, "disk_inodes": 20000, "syscall_rate": 2000}),
-    "untrusted": Group(frozenset({BASIC, LLM}), priority=-5,
+                             "disk_mb": 256, "disk_inodes": 20000, "syscall_rate": 2000, "storage_mb": 256,
+                             "storage_keys": 100_000}),
+    "untrusted": Group(frozenset({BASIC, LLM, STORAGE, MEMORY}), priority=-5,
                        limits={"memory_mb": 256, "cpu_seconds": 120, "wall_seconds": 600, "procs": 16,
                                "open_files": 64, "disk_mb": 32, "disk_inodes": 5000, "llm_tokens": 100_000,
-                               "syscall_rate": 500}),
+                               "syscall_rate": 500, "storage_mb": 16, "storage_keys": 1000}),
 }
 
 
@@ -81,6 +83,25 @@ class SandboxSection:
 
 
 @dataclass
+class StorageSection:
+    """``[storage]``: the storage manager (docs/storage.md)."""
+    path: str = ""             # the SQLite file; empty: <state-dir>/storage.db
+    max_value_mb: int = 64     # one value, uploaded in parts (E2BIG beyond)
+    keep_versions: int = 16    # versions kept per key (the newest always)
+    keep_mb: int = 64          # ... while their sizes total at most this
+    upload_ttl_s: int = 3600   # an unfinished upload is discarded after this long idle
+
+
+@dataclass
+class MemorySection:
+    """``[memory]``: the memory manager (docs/memory.md)."""
+    path: str = ""             # the SQLite file; empty: <state-dir>/memory.db
+    ram_mb: int = 64           # entries' text and metadata kept in RAM, all agents together
+    evict_threshold: float = 0.8  # past this share of ram_mb, LRU-K evicts ...
+    evict_target: float = 0.7     # ... down to this share (the rest is paged in from the file on access)
+
+
+@dataclass
 class ModelSection:
     """``[models.NAME]``: another model to serve; 0 = as in ``[llm]``."""
     path: str = ""
@@ -97,6 +118,8 @@ class Config:
     groups: dict[str, Group] = field(default_factory=lambda: dict(DEFAULT_GROUPS))
     models: dict[str, ModelSection] = field(default_factory=dict)
     sandbox: SandboxSection = field(default_factory=SandboxSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    memory: MemorySection = field(default_factory=MemorySection)
 
 
 def _fill(section, values: dict, where: str) -> None:
@@ -151,7 +174,7 @@ def load(path: str | os.PathLike | None) -> Config:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     for name, values in data.items():
-        if name in ("kernel", "llm", "sandbox") and isinstance(values, dict):
+        if name in ("kernel", "llm", "sandbox", "storage", "memory") and isinstance(values, dict):
             _fill(getattr(cfg, name), values, f"{path}: [{name}]")
         elif name == "groups" and isinstance(values, dict):
             for group, spec in values.items():
@@ -166,10 +189,17 @@ def load(path: str | os.PathLike | None) -> Config:
                 if not cfg.models[model].path:
                     raise ConfigError(f"{where} needs `path = \"FILE.gguf\"`")
         else:
-            raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [sandbox], "
+            raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [sandbox], [storage], [memory], "
                               "[groups.NAME], [models.NAME]")
     if cfg.kernel.max_pending < 1 or cfg.kernel.max_followers < 1:
         raise ConfigError(f"{path}: [kernel] max_pending and max_followers must be at least 1")
+    st = cfg.storage
+    if min(st.max_value_mb, st.keep_versions, st.keep_mb, st.upload_ttl_s) < 1:
+        raise ConfigError(f"{path}: [storage] max_value_mb, keep_versions, keep_mb and upload_ttl_s must be at "
+                          "least 1")
+    mem = cfg.memory
+    if mem.ram_mb < 1 or not 0 <= mem.evict_target <= mem.evict_threshold <= 1:
+        raise ConfigError(f"{path}: [memory] needs ram_mb >= 1 and 0 <= evict_target <= evict_threshold <= 1")
     if cfg.kernel.max_frame < 1024:
         raise ConfigError(f"{path}: [kernel] max_frame must be at least 1024 bytes")
     if cfg.llm.n_seq_max < 1 or cfg.llm.n_ctx_seq < 64:

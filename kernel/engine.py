@@ -578,7 +578,7 @@ class Engine:
         ``messages`` (if given, instead of ``prompt``) with the chat template, tokenize, build the json_schema
         grammar and the C samplers.  This is the costly part of a submission (a 1 MiB prompt takes ~1 s to
         tokenize, a large grammar as long to parse), so the kernel calls it from a worker thread with a large
-        stack (kernel/prep.py), never from its event loop.  Raises as ``submit``; the result must be given to
+        stack (kernel/worker.py), never from its event loop.  Raises as ``submit``; the result must be given to
         ``enqueue`` or ``free``d."""
         started = time.thread_time()
         check_params(params)

@@ -14,6 +14,7 @@ import shutil
 import secrets
 import signal
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import zmq
 
 from kernel.config import Config
 from kernel.engine import EngineError, Engines, SamplingParams
-from kernel.prep import Preparer
+from kernel.memory import MemoryManager
+from kernel.storage import MB, Storage
+from kernel.worker import PREP_STACK_BYTES, Worker
 from kernel.proc import Proc, ProcTable, State
 from kernel.router import Call, Router
 from kernel.resources import RateBucket, ResourceManager, check_tokens, effective_limits
@@ -53,8 +56,13 @@ class Kernel:
         self.pidfile = self.runtime_dir / "aiosd.pid"
         self.procs = ProcTable(self.runtime_dir, self.endpoint, config.kernel.max_procs)
         self.engine: Engines | None = None
-        self.preparer: Preparer | None = None
+        self.preparer: Worker | None = None
         self._preparing: dict[Call, tuple[bool, int]] = {}  # LLM calls being prepared -> (stream, priority)
+        self.storage: Storage | None = None
+        self.storage_worker: Worker | None = None  # the storage manager's one writer
+        self.memory: MemoryManager | None = None
+        self.memory_worker: Worker | None = None  # memory calls: embedding, search, writes
+        self._offloaded: set[Call] = set()  # calls whose job a worker has queued or is running
         self.router: Router | None = None
         self._events: collections.deque = collections.deque()
         self._followers: dict[int, list[Call]] = {}
@@ -100,9 +108,10 @@ class Kernel:
             self.engine = Engines.from_config(self.config.llm, self.config.models, self.model_path,
                                               self._on_engine_event, swap_dir=str(self.runtime_dir / "swap"))
             self.engine.start()
-            self.preparer = Preparer(self._on_prepared)
+            self.preparer = Worker(self._on_prepared, name="aiosd-prep", stack_bytes=PREP_STACK_BYTES)
         except EngineError as exc:
             raise KernelError(f"cannot load the model {self.model_path}: {exc}") from None
+        self._open_storage()
         self.ctx = zmq.Context()
         self.router = Router(self, self.ctx, self.endpoint, self.config.kernel.max_frame, self._operator_key())
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -183,6 +192,12 @@ class Kernel:
         self.resources.disk.close()  # finishes removing the scratch dirs of the agents reaped above
         if self.preparer is not None:
             self.preparer.close()  # before the engine: a running preparation uses its model
+        if self.storage_worker is not None:
+            self.storage_worker.close()  # queued writes were never acknowledged; the running one commits
+            self.storage.close()
+        if self.memory_worker is not None:
+            self.memory_worker.close()
+            self.memory.close()
         if self.engine is not None:
             self.engine.close()
             self._drain_engine_events()
@@ -305,6 +320,7 @@ class Kernel:
             mount = self.host.release(proc.id)
             self.resources.disk.forget(proc.id, proc.scratch, unmount=bool(mount))  # removed off the loop
             self._cancel_llm(proc)
+            self._cancel_offloaded(proc)
             self.router.forget(proc)
             self._end_follows(proc)
             log.info("agent %d (%s) ended: %s %s", proc.id, proc.name, proc.state.value,
@@ -343,6 +359,69 @@ class Kernel:
             if call.caller.proc is not None:
                 call.caller.proc.followers -= 1
             call.reply(proc.record())
+
+    # --- storage and other work off the event loop ---------------------------------------------------
+    def _open_storage(self) -> None:
+        """The storage manager on ``<state-dir>/storage.db`` and its worker thread.  Raises KernelError."""
+        st, kc = self.config.storage, self.config.kernel
+        path = Path(st.path) if st.path else self.state_dir / "storage.db"
+        try:
+            self.storage = Storage(path, max_value_bytes=st.max_value_mb * MB,
+                                   max_read=max(512, kc.max_frame // 2), keep_versions=st.keep_versions,
+                                   keep_bytes=st.keep_mb * MB, upload_ttl_s=st.upload_ttl_s)
+        except (sqlite3.Error, OSError) as exc:
+            raise KernelError(f"cannot open the storage database {path}: {exc}; "
+                              "check the state dir's permissions and free space") from None
+        self.storage_worker = Worker(self._on_offloaded, name="aiosd-storage", group=self.storage.group)
+        mem = self.config.memory
+        path = Path(mem.path) if mem.path else self.state_dir / "memory.db"
+        try:
+            from kernel.embed import default_embedder
+            self.memory = MemoryManager(path, embedder=default_embedder(), ram_budget_bytes=mem.ram_mb * MB,
+                                        evict_threshold=mem.evict_threshold, evict_target=mem.evict_target)
+        except SyscallError as exc:
+            raise KernelError(f"cannot open the memory database {path}: {exc.message}") from None
+        self.memory_worker = Worker(self._on_offloaded, name="aiosd-memory")
+
+    def offload(self, call: Call, job, worker: Worker | None = None) -> None:
+        """Run ``job()`` on ``worker`` (default: the storage worker), round robin across agents, and answer
+        ``call`` with its result -- or its ``StorageError``/``SyscallError`` as that ABI error -- when it is done.
+        An agent has at most ``[kernel] max_pending`` such calls queued or running (EAGAIN beyond)."""
+        proc = call.caller.proc
+        if proc is not None:
+            if proc.offloaded >= self.config.kernel.max_pending:
+                raise EAGAIN(f"agent {proc.id} has {proc.offloaded} storage and memory calls in flight ([kernel] "
+                             "max_pending); wait for their answers")
+            proc.offloaded += 1
+        self._offloaded.add(call)
+        (worker or self.storage_worker).submit(proc.id if proc else None, call, job)
+
+    def _on_offloaded(self, call: Call, result, error: BaseException | None) -> None:
+        """A worker thread: hand the outcome to the main thread, as engine events are."""
+        self._on_engine_event(call, "offloaded", (result, error))
+
+    def _offload_done(self, call: Call, result, error: BaseException | None) -> None:
+        """Main thread: answer an offloaded call (unless it was answered already: its agent ended)."""
+        if call not in self._offloaded:
+            return
+        self._offloaded.discard(call)
+        proc = call.caller.proc
+        if proc is not None:
+            proc.offloaded -= 1
+        if error is None:
+            call.reply(result)
+        elif isinstance(error, SyscallError):
+            call.fail(error.code, error.message)
+        else:
+            log.error("a %s job failed inside the kernel", call.caller.describe(), exc_info=error)
+            call.fail("EIO", "internal kernel error; see the kernel log")
+
+    def _cancel_offloaded(self, proc: Proc) -> None:
+        """Drop the queued jobs of an ended agent (never acknowledged, never run)."""
+        for call in self.storage_worker.drop_owner(proc.id) + self.memory_worker.drop_owner(proc.id):
+            self._offloaded.discard(call)
+            proc.offloaded -= 1
+            call.fail("ECANCELED", "the agent ended")
 
     # --- LLM -----------------------------------------------------------------------------------------
     def llm_submit(self, call: Call, prompt: str | None, args, messages: list | None = None) -> None:
@@ -456,6 +535,9 @@ class Kernel:
             request, kind, payload = events.popleft()
             if kind == "prepared":
                 self._prepared(request, *payload)
+                continue
+            if kind == "offloaded":
+                self._offload_done(request, *payload)
                 continue
             call: Call = request.tag
             if kind == "chunk":

@@ -1,15 +1,21 @@
 """``aiosd``: run the kernel in the foreground (a systemd ``Type=simple`` service; see docs/operating.md)."""
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
 
-from kernel import config as config_mod
-from kernel.kernel import Kernel, KernelError
-from kernel.models import ensure_default_model
-from syscalls.codec import default_runtime_dir
+# One BLAS thread: memory search's matrix product is memory-bound, and on a busy machine OpenBLAS's threads
+# only add scheduling delay (10k-entry search p99 6.6 ms with one, 51 ms with the default; docs/memory.md).
+# llama.cpp has threads of its own.  Set before anything imports numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from kernel import config as config_mod  # noqa: E402
+from kernel.kernel import Kernel, KernelError  # noqa: E402
+from kernel.models import ensure_default_model  # noqa: E402
+from syscalls.codec import default_runtime_dir  # noqa: E402
 
 
 def default_state_dir() -> str:

@@ -168,6 +168,7 @@ class Proc:
     reserved_tokens: int = 0          # prompt + max_tokens of generations in flight (token quota)
     pending: int = 0                  # its LLM requests not yet answered ([kernel] max_pending)
     followers: int = 0                # proc.logs follow streams it holds open ([kernel] max_followers)
+    offloaded: int = 0                # its storage/memory calls queued or running on a worker ([kernel] max_pending)
     limits: dict = field(default_factory=dict)
     layers: dict | None = None        # sandbox layers as attested by the bootstrap (proc.ready)
     rate_bucket: object = None        # kernel.resources.RateBucket when syscall_rate is limited

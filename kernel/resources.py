@@ -21,7 +21,7 @@ from kernel.disk import DiskAccountant
 from syscalls.errors import EAGAIN, EDQUOT
 
 LIMIT_KEYS = ("memory_mb", "cpu_seconds", "wall_seconds", "procs", "open_files", "disk_mb", "disk_inodes",
-              "llm_tokens", "syscall_rate")
+              "llm_tokens", "syscall_rate", "storage_mb", "storage_keys")
 MB = 1 << 20
 SLOW_EVERY_S = 1.0  # the checks that scan /proc (orphans)
 

@@ -4,7 +4,7 @@ The router owns the kernel's ROUTER socket.  For every frame it identifies the c
 ``Peer-Address`` (SO_PEERCRED: uid, gid, pid) and routing id -- never from the payload --, charges the frame
 to the caller's syscall rate (before decoding it, so that garbage is not free), decodes the envelope
 (``syscalls.codec``), checks the syscall's privilege against the caller's group, decodes the arguments
-against the syscall's schema, and calls the handler from ``syscalls.table``.  Whatever an agent sends, the
+against the syscall's schema, and calls the handler ``syscalls.table`` names (``kernel/sys_*.py``).  Whatever an agent sends, the
 worst outcome is an error reply to that agent.
 
 Identity fails closed (docs/design.md, "Identity"): a routing id the kernel handed an agent names that agent
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import importlib
 import logging
 import os
 import select
@@ -28,7 +29,7 @@ from syscalls import codec
 from syscalls.address import OPERATOR_PREFIX
 from syscalls.codec import RequestError
 from syscalls.errors import EACCES, ENOSYS, EPERM, SyscallError
-from syscalls.table import DEFERRED, TABLE
+from syscalls.table import TABLE
 
 log = logging.getLogger("aiosd.router")
 
@@ -38,6 +39,21 @@ log = logging.getLogger("aiosd.router")
 ANSWER_HWM = 256
 REQUEST_HWM = 64
 STALL_S = 1.0  # a peer whose answer queue overflowed is not served for this long (its frames are dropped)
+DEFERRED = object()  # a handler's "the answer comes later through the call" (streams, generations)
+
+
+def handlers() -> dict:
+    """Every syscall's handler, by name: ``TABLE``'s ``"module:function"`` references resolved.  Raises
+    ``ImportError`` / ``AttributeError`` naming the entry when one does not resolve (a kernel bug, found at
+    start and by the tests, never at the first call)."""
+    resolved = {}
+    for name, syscall in TABLE.items():
+        module, _, function = syscall.handler.partition(":")
+        try:
+            resolved[name] = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as exc:
+            raise type(exc)(f"syscalls/table.py: {name}'s handler {syscall.handler!r} does not resolve: {exc}")
+    return resolved
 MAX_CACHED_CALLERS = 4096
 
 
@@ -170,6 +186,7 @@ class Router:
         self._uid = os.getuid()
         self._pid = os.getpid()
         self._warned_at = 0.0
+        self._handlers = handlers()
 
     def send(self, routing_id: bytes, data: bytes, caller: Caller | None = None) -> None:
         """Queue one answer.  A peer whose queue is full loses it and is stalled (``STALL_S``): its memory is
@@ -229,7 +246,7 @@ class Router:
                             f"(needs privilege {syscall.privilege!r})")
             args = codec.decode_args(syscall.decoder, env.args)
             call = Call(self, rid, routing_id, caller)
-            result = syscall.handler(self.kernel, call, args)
+            result = self._handlers[env.call](self.kernel, call, args)
             if result is not DEFERRED:
                 call.reply(result)
         except RequestError as exc:

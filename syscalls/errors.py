@@ -7,7 +7,7 @@ from __future__ import annotations
 
 CODES = (
     "EBADMSG", "EPROTO", "E2BIG", "ENOSYS", "EINVAL", "EPERM", "EACCES", "ENOENT",
-    "EAGAIN", "ETIMEDOUT", "EDQUOT", "ECANCELED", "EIO",
+    "EAGAIN", "ETIMEDOUT", "EDQUOT", "ESTALE", "ECANCELED", "EIO",
 )
 
 
@@ -49,5 +49,6 @@ ENOENT: type[SyscallError]
 EAGAIN: type[SyscallError]
 ETIMEDOUT: type[SyscallError]
 EDQUOT: type[SyscallError]
+ESTALE: type[SyscallError]
 ECANCELED: type[SyscallError]
 EIO: type[SyscallError]

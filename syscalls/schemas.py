@@ -38,6 +38,8 @@ class Limits(Args, omit_defaults=True):
     disk_inodes: Annotated[int, Meta(ge=1)] | None = None       # files + directories in scratch
     llm_tokens: Annotated[int, Meta(ge=1)] | None = None        # prompt + completion tokens (EDQUOT beyond)
     syscall_rate: Annotated[int, Meta(ge=1)] | None = None      # syscalls per second (EAGAIN beyond)
+    storage_mb: Annotated[int, Meta(ge=1)] | None = None        # bytes its namespace keeps (EDQUOT beyond)
+    storage_keys: Annotated[int, Meta(ge=1)] | None = None      # keys in its namespace (EDQUOT beyond)
 
 
 class Spawn(Args):
@@ -90,3 +92,81 @@ class Chat(_Sampling, kw_only=True):
 
 class Cancel(Args):
     id: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]  # the request id of the caller's own llm.generate / llm.chat
+
+
+# Storage (docs/abi.md, "Storage").  Keys are checked by the storage manager (kernel/storage.py), which names
+# the rule a key breaks; the schema only bounds the sizes the kernel reads.
+KeyT = Annotated[str, Meta(max_length=4096)]
+NamespaceT = Annotated[str, Meta(min_length=1, max_length=64)] | None
+VersionT = Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+
+
+class StorageKey(Args, kw_only=True):
+    key: KeyT
+    namespace: NamespaceT = None
+
+
+class StoragePut(StorageKey, kw_only=True):
+    data: Any  # bin or str (msgspec cannot decode that union): checked by kernel/sys_storage.py
+    content_type: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    if_version: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] | None = None
+    offset: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    final: bool = True
+
+
+class StorageGet(StorageKey, kw_only=True):
+    version: VersionT | None = None
+    offset: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    length: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] | None = None
+
+
+class StorageList(Args, kw_only=True):
+    prefix: KeyT = ""
+    after: KeyT = ""
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
+    namespace: NamespaceT = None
+
+
+class StorageDelete(StorageKey, kw_only=True):
+    if_version: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] | None = None
+    purge: bool = False
+
+
+class StorageRollback(StorageKey, kw_only=True):
+    version: VersionT
+    if_version: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] | None = None
+
+
+# Memory (docs/abi.md, "Memory").  Texts, metadata and queries are bounded by the memory manager
+# (kernel/memory.py), which names the rule; the schema bounds what the kernel decodes.
+MetadataT = dict[Annotated[str, Meta(max_length=64)], Any] | None
+
+
+class MemoryAdd(Args, kw_only=True):
+    text: Annotated[str, Meta(max_length=1 << 20)]
+    metadata: MetadataT = None
+    namespace: NamespaceT = None
+
+
+class MemoryId(Args, kw_only=True):
+    id: Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+    namespace: NamespaceT = None
+
+
+class MemoryList(Args, kw_only=True):
+    after: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
+    filter: MetadataT = None
+    namespace: NamespaceT = None
+
+
+class MemorySearch(Args, kw_only=True):
+    query: Annotated[str, Meta(max_length=1 << 16)]
+    k: Annotated[int, Meta(ge=1, le=100)] = 5
+    filter: MetadataT = None
+    mode: Literal["hybrid", "embedding", "keyword"] = "hybrid"
+    namespace: NamespaceT = None
+
+
+class MemoryStats(Args, kw_only=True):
+    namespace: NamespaceT = None

@@ -42,6 +42,10 @@ class KernelProc:
         """``preexec_fn``: run in the kernel's process before it starts (e.g. to lower an rlimit)."""
         self.runtime_dir = tmp / "run"
         self.config_path = tmp / "aiosd.toml"
+        if "[storage]" not in config:  # each test kernel its own databases: tests never see each other's data
+            config += f'\n[storage]\npath = "{tmp / "storage.db"}"\n'
+        if "[memory]" not in config:
+            config += f'\n[memory]\npath = "{tmp / "memory.db"}"\n'
         self.config_path.write_text(config)
         self.log_path = tmp / "aiosd.log"
         self.endpoint = codec.endpoint(str(self.runtime_dir))
@@ -71,8 +75,10 @@ class KernelProc:
                 try:
                     self.client.call("sys.ping", timeout=1.0)
                     return
-                except Exception:
-                    pass
+                except Exception:  # not up yet, or a killed kernel's socket and key still lie there:
+                    self._clients.remove(self.client)  # read the key again next time
+                    self.client.close()
+                    self.client = None
             time.sleep(0.05)
         raise RuntimeError(f"aiosd did not become ready in {timeout} s:\n{self.log()}")
 

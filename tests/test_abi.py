@@ -213,3 +213,21 @@ def test_forked_child_of_agent_is_not_an_agent(kernel):
     """, group="trusted")  # a group whose agents may fork (docs/abi.md 5)
     assert rec["exit_status"] == 0, out
     assert "child: EPERM" in out and "parent: {'pong': True}" in out
+
+
+def test_every_syscall_in_the_table_has_a_kernel_handler():
+    """syscalls/table.py names each handler; they live in kernel/sys_*.py, and the ABI package never imports
+    the kernel (agents import it)."""
+    import subprocess
+    import sys
+
+    from kernel.router import handlers
+    from syscalls.table import TABLE
+
+    resolved = handlers()
+    assert set(resolved) == set(TABLE)
+    for name, fn in resolved.items():
+        assert fn.__module__.startswith("kernel.sys_"), (name, fn.__module__)
+    probe = "import sys, syscalls.table, syscalls.codec; print(any(m.startswith('kernel') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

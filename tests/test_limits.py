@@ -98,5 +98,5 @@ def test_limits_in_record_merge_group_defaults_and_flags(kernel):
     rec = kernel.client.call("proc.spawn", {"source": "pass", "group": "untrusted", "limits": {"memory_mb": 64}})
     assert rec["limits"]["memory_mb"] == 64 and rec["limits"]["llm_tokens"] == 100_000
     assert set(rec["limits"]) == {"memory_mb", "cpu_seconds", "wall_seconds", "procs", "open_files", "disk_mb",
-                                  "disk_inodes", "llm_tokens", "syscall_rate"}
+                                  "disk_inodes", "llm_tokens", "syscall_rate", "storage_mb", "storage_keys"}
     kernel.wait(rec["id"])

@@ -1,4 +1,4 @@
-"""The preparer (kernel/prep.py): jobs run off the caller's thread, round robin across owners; queued jobs can
+"""The worker (kernel/worker.py): jobs run off the caller's thread, round robin across owners; queued jobs can
 be cancelled one by one or by owner; a failing job reports its exception."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from kernel.prep import Preparer
+from kernel.worker import Worker
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture
 def prep():
     done: queue.Queue = queue.Queue()
-    p = Preparer(lambda key, result, error: done.put((key, result, error)))
+    p = Worker(lambda key, result, error: done.put((key, result, error)))
     p.done = done
     yield p
     p.close()
@@ -55,3 +55,26 @@ def test_a_failing_job_reports_its_exception_and_the_worker_goes_on(prep):
     key, result, error = prep.done.get(timeout=10)
     assert key == "bad" and isinstance(error, ZeroDivisionError)
     assert prep.done.get(timeout=10) == ("good", 42, None)
+
+
+def test_a_grouped_worker_hands_the_queued_jobs_over_together():
+    done: queue.Queue = queue.Queue()
+    groups = []
+
+    def group(jobs):
+        groups.append(len(jobs))
+        return [(job(), None) for job in jobs]
+
+    w = Worker(lambda key, result, error: done.put((key, result, error)), group=group, group_max=3)
+    try:
+        gate, started = threading.Event(), threading.Event()
+        w.submit("a", "block", lambda: (started.set(), gate.wait()))
+        assert started.wait(10)
+        for i in range(5):
+            w.submit("bc"[i % 2], f"j{i}", lambda i=i: i)
+        gate.set()
+        got = [done.get(timeout=10) for _ in range(6)]
+        assert [g for g in groups] == [1, 3, 2]  # the blocker alone, then what had queued, three at most
+        assert {key: result for key, result, _ in got}["j4"] == 4
+    finally:
+        w.close()
