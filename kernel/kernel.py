@@ -314,7 +314,6 @@ class Kernel:
                     self._publish(proc, proc.pipes[fd], data)
                 self._close_pipe(proc, fd)
             proc.output.close()
-            proc.popen.stdout = proc.popen.stderr = None  # closed above, by fd
             if proc.state is State.KILLED and proc.kill_reason is None:  # e.g. the cgroup OOM killer
                 proc.reason = self.host.death_reason(proc.id) or proc.reason
             mount = self.host.release(proc.id)

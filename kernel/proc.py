@@ -263,19 +263,30 @@ class ProcTable:
         output = Output(self.runtime_dir / "logs" / f"{pid_}.log",
                         limits["disk_mb"] * MB if limits.get("disk_mb") else MAX_LOG_BYTES)
         cmd = [sys.executable, "-I", "-S", "-u", "-c", _BOOT, filename, *argv]
+        # The output pipes are plain descriptors the kernel owns and closes exactly once (kernel.py
+        # _close_pipe), not Popen's file objects: those would close the same number again when dropped,
+        # by then possibly a descriptor ZeroMQ's I/O thread had been given (libzmq then aborts: EBADF in
+        # epoll_ctl, seen under the churn of short-lived tool workers).
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             popen = subprocess.Popen(
-                cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
+                cmd, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
+                stderr=err_w, close_fds=True, start_new_session=True,
             )
         except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
             output.close()
             raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
         proc = Proc(id=pid_, name=name, group=group, pid=popen.pid, token=token, owner=owner,
                     scratch=scratch, output=output, popen=popen, limits=limits)
-        for fd_no, pipe in ((1, popen.stdout), (2, popen.stderr)):
-            os.set_blocking(pipe.fileno(), False)
-            proc.pipes[pipe.fileno()] = fd_no
+        for fd_no, fd in ((1, out_r), (2, err_r)):
+            os.set_blocking(fd, False)
+            proc.pipes[fd] = fd_no
         self._by_id[pid_] = proc
         self._by_pid[proc.pid] = proc
         self._by_token[token] = proc
