@@ -6,5 +6,5 @@
 
 ABI errors are raised as exceptions named after their codes (``agentproc.errors``).
 """
-from agentproc import errors, llm, memory, proc, storage  # noqa: F401
+from agentproc import access, errors, llm, memory, proc, storage, tools  # noqa: F401
 from agentproc.client import Client, connect, default, ping  # noqa: F401

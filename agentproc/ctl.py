@@ -1,4 +1,5 @@
-"""``aiosctl``: control a running kernel (run, ps, kill, logs, status, shutdown, storage).
+"""``aiosctl``: control a running kernel (run, ps, kill, logs, status, shutdown, storage, access, pending,
+approve, deny, audit).
 
 Exit status: 0 success; 1 the kernel refused (the ABI error is printed); 2 usage; 3 no kernel is running at
 the runtime dir.  ``run --wait`` exits with the agent's own status (128 + signal when it was killed).
@@ -187,6 +188,65 @@ def cmd_storage(c: Client, a) -> int:
     return 0
 
 
+def cmd_access(c: Client, a) -> int:
+    """``access ls|grant|revoke``: the grants of any namespace."""
+    if a.action == "ls":
+        got = c.call("access.list", {"namespace": a.namespace})
+        for g in got["granted"]:
+            print(f"{g['id']}\t{g['namespace']}/{g['prefix']}*\t-> {g['to']}\t{g['mode']}\tby {g['by']}")
+        for g in got["received"]:
+            print(f"{g['id']}\t{g['namespace']}/{g['prefix']}*\t<- granted to {g['to']}\t{g['mode']}")
+    elif a.action == "grant":
+        if not a.to:
+            raise SystemExit("aiosctl access grant NAMESPACE --to AGENT|group:NAME [--mode read-write] [--prefix P]")
+        g = c.call("access.grant", {"namespace": a.namespace, "to": a.to, "mode": a.mode, "prefix": a.prefix})
+        print(f"grant {g['id']}: {g['to']} may {g['mode']} {g['namespace']}/{g['prefix']}*")
+    else:
+        c.call("access.revoke", {"id": int(a.namespace)})
+        print(f"revoked grant {a.namespace}")
+    return 0
+
+
+def cmd_pending(c: Client, a) -> int:
+    for w in c.call("access.pending")["pending"]:
+        print(f"{w['id']}\t{w['who']}\t{w['what']}\t({w['why']}; expires in {w['expires_in']:.0f} s)")
+    return 0
+
+
+def cmd_decide(c: Client, a) -> int:
+    w = c.call("access.decide", {"id": a.id, "approve": a.cmd == "approve"})
+    print(f"{'approved' if a.cmd == 'approve' else 'denied'} {w['id']}: {w['who']}: {w['what']}")
+    return 0
+
+
+def cmd_audit(c: Client, a) -> int:
+    """Print (``--json``: as stored), follow, or ``--verify`` the hash chain of the audit log.  The file is read
+    directly (its path from sys.status, or ``--file``), so a kernel cannot vouch for its own log."""
+    from kernel.access import verify
+    path = a.file or c.call("sys.status")["audit_log"]
+    if a.verify:
+        with open(path, encoding="utf-8") as f:
+            n, problem = verify(f)
+        print(f"{path}: {n} records, chain intact" if problem is None else f"{path}: {problem} (after {n} good)")
+        return 0 if problem is None else 1
+    with open(path, encoding="utf-8") as f:
+        while True:
+            line = f.readline()
+            if not line:
+                if not a.follow:
+                    return 0
+                time.sleep(0.2)
+                continue
+            if a.json:
+                sys.stdout.write(line)
+            else:
+                r = json.loads(line)
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
+                detail = " ".join(f"{k}={v}" for k, v in r["detail"].items() if v is not None)
+                print(f"{r['seq']}\t{when}\t{r['who']}\t{r['what']}\t{r['decision']}\t{detail}")
+            sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="aiosctl", description="Control a running aiosd kernel.")
     ap.add_argument("--runtime-dir", default=codec.default_runtime_dir(),
@@ -226,6 +286,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--content-type", help="put: the value's content type")
     p.add_argument("--if-version", type=int, help="put: only if the key is at this version (0: absent)")
     p.set_defaults(fn=cmd_storage)
+    p = sub.add_parser("access", help="grants: who may read or write which namespace")
+    p.add_argument("action", choices=("ls", "grant", "revoke"))
+    p.add_argument("namespace", help="ls, grant: the namespace; revoke: the grant's id")
+    p.add_argument("--to", help="grant: an agent name or group:NAME")
+    p.add_argument("--mode", default="read", choices=("read", "read-write"))
+    p.add_argument("--prefix", default="", help="grant: only storage keys starting with this")
+    p.set_defaults(fn=cmd_access)
+    sub.add_parser("pending", help="requests waiting for an operator's approval").set_defaults(fn=cmd_pending)
+    for verb in ("approve", "deny"):
+        p = sub.add_parser(verb, help=f"{verb} a waiting request")
+        p.add_argument("id", type=int)
+        p.set_defaults(fn=cmd_decide)
+    p = sub.add_parser("audit", help="the audit log of access decisions, grants and confirmations")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true", help="check the hash chain (exit 1 if a record was altered)")
+    p.add_argument("--file", help="the log to read (default: the kernel's, from sys.status)")
+    p.set_defaults(fn=cmd_audit)
     a = ap.parse_args(argv)
     try:
         client = _client(a.runtime_dir, a.timeout)

@@ -45,11 +45,13 @@ def _progress(kernel, agent_id: int) -> int:
     return int(lines[-1].split()[1]) if lines else 0
 
 
-def fuzz(kernel, count: int, seed: int = 1, *, max_frame: int = 65536, timeout: float = 600) -> dict:
+def fuzz(kernel, count: int, seed: int = 1, *, max_frame: int = 65536, timeout: float = 600,
+         warmup: float = 0.1) -> dict:
     """Run one fuzzer agent of ``count`` frames on ``kernel`` (a ``KernelProc``) and wait for it.
 
-    Returns the agent's tally (bench/fuzzgen.py ``Tally.summary``) with ``rss_warm_mb`` (kernel RSS once a tenth
-    of the frames are sent), ``rss_end_mb``, ``rss_peak_mb`` and the agent's final ``record``.  Raises
+    Returns the agent's tally (bench/fuzzgen.py ``Tally.summary``) with ``rss_warm_mb`` (kernel RSS once
+    ``warmup`` of the frames are sent), ``rss_end_mb``, ``rss_peak_mb``, ``rss_curve`` (RSS at each tenth)
+    and the agent's final ``record``.  Raises
     ``AssertionError`` when the kernel dies, or the agent does not finish in ``timeout`` seconds (it is killed).
     """
     kproc = psutil.Process(kernel.popen.pid)
@@ -59,11 +61,14 @@ def fuzz(kernel, count: int, seed: int = 1, *, max_frame: int = 65536, timeout: 
     agent_id = rec["id"]
     deadline = time.monotonic() + timeout
     warm = peak = 0.0
+    curve: dict[int, float] = {}  # kernel RSS (MiB) when the fuzzer reported n frames sent, every tenth
     while True:
         assert kernel.popen.poll() is None, f"the kernel died ({kernel.popen.returncode}):\n{kernel.log()}"
         rss = kproc.memory_info().rss / 2**20
         peak = max(peak, rss)
-        if not warm and _progress(kernel, agent_id) >= count // 10:
+        sent = _progress(kernel, agent_id)
+        curve.setdefault(sent, round(rss, 1))
+        if not warm and sent >= warmup * count:
             warm = rss
         rec = kernel.record(agent_id)
         if rec["state"] in ("EXITED", "KILLED"):
@@ -78,14 +83,20 @@ def fuzz(kernel, count: int, seed: int = 1, *, max_frame: int = 65536, timeout: 
     summary = json.loads(lines[-1][len("SUMMARY "):])
     end = kproc.memory_info().rss / 2**20
     return dict(summary, rss_warm_mb=round(warm or end, 1), rss_end_mb=round(end, 1),
-                rss_peak_mb=round(max(peak, end), 1), record=rec)
+                rss_peak_mb=round(max(peak, end), 1), rss_curve=curve, record=rec)
+
+
+WARMUP_FRAMES = 20_000  # the kernel's RSS climbs over the first ~14k frames (first use of each path), then is flat
 
 
 def main(count: int = 120_000, seed: int = 7) -> dict:
-    """``make bench``: a long fuzz run; zero crashes, zero EIO, kernel RSS at the end against after warm-up."""
+    """``make bench``: a warm-up round, then a long fuzz run; zero crashes, zero EIO, kernel RSS at the end
+    against its start."""
     kernel = start_kernel()
     try:
-        result = fuzz(kernel, count, seed, timeout=3600)
+        warm = fuzz(kernel, WARMUP_FRAMES, seed + 1, timeout=3600)
+        assert warm["eio"] == 0, warm["eio_samples"]
+        result = fuzz(kernel, count, seed, timeout=3600, warmup=0.0)
         alive = kernel.client.call("sys.ping") == {"pong": True}
     finally:
         kernel.stop()
@@ -93,7 +104,8 @@ def main(count: int = 120_000, seed: int = 7) -> dict:
     growth = result["rss_end_mb"] / max(result["rss_warm_mb"], 1e-9)
     print(f"fuzz: {result['sent']} frames in {result['seconds']:.0f} s ({result['frames_per_s']:.0f}/s), "
           f"{result['answered']} answered, EIO {result['eio']}, kernel alive {alive}; kernel RSS "
-          f"{result['rss_warm_mb']:.0f} MiB after warm-up -> {result['rss_end_mb']:.0f} MiB at the end "
+          f"{result['rss_warm_mb']:.0f} MiB after a {WARMUP_FRAMES}-frame warm-up -> {result['rss_end_mb']:.0f} MiB "
+          "at the end "
           f"({growth:.3f}x, peak {result['rss_peak_mb']:.0f} MiB)")
     print("fuzz: answers by code:", json.dumps(result["codes"], sort_keys=True))
     save("fuzz", dict(result, kernel_alive=alive, rss_growth=round(growth, 4)))

@@ -27,7 +27,9 @@ import msgpack
 SYSCALLS = ("sys.ping", "sys.shutdown", "sys.status", "proc.self", "proc.ready", "proc.list", "proc.kill",
             "proc.spawn", "proc.logs", "llm.generate", "llm.chat", "llm.cancel", "storage.put", "storage.get",
             "storage.stat", "storage.list", "storage.delete", "storage.versions", "storage.rollback", "memory.add",
-            "memory.get", "memory.list", "memory.delete", "memory.search", "memory.stats")
+            "memory.get", "memory.list", "memory.delete", "memory.search", "memory.stats", "access.grant",
+            "access.revoke", "access.list", "access.pending", "access.decide", "tool.list", "tool.call", "tool.next",
+            "tool.done")
 KEYS = ("a", "notes/today.md", "../x", "/etc/passwd", "a/../../b", "a//b", "a/", ".", "..", ".aiosd/m", "a\x00b",
         "a\\b", "", "x" * 1025, "/".join(["d"] * 40), "\u202e", "ü/名前")
 LLM_CALLS = ("llm.generate", "llm.chat")
@@ -241,6 +243,22 @@ class Frames:
             return self.storage_fields(name)
         if name.startswith("memory."):
             return self.memory_fields(name)
+        if name == "tool.call":  # python would run the fuzz's code: the cheap tools only (they still validate)
+            return {"name": lambda: self.r.choice(("calculator", "text", "clock", "nope", "", self.value())),
+                    "args": lambda: self.either(lambda: self.r.choice((
+                        {"expression": self.r.choice(("1+2", "2**99999", "__import__('os')", "1/0", ""))},
+                        {"op": self.r.choice(("count", "upper", "find", "x")), "text": self.text(),
+                         "pattern": self.r.choice(("a", "(", "(a+)+$"))},
+                        {"utc_offset_minutes": self.r.choice((0, 60, 100000, "x"))})), 0.8)}
+        if name == "tool.done":
+            return {"job": lambda: self.r.choice((1, 2, 0, -1)), "result": self.value, "error": self.text}
+        if name.startswith("access."):
+            return {"to": lambda: self.r.choice(("other", "group:default", "group:", "", self.text())),
+                    "mode": lambda: self.r.choice(("read", "read-write", "write", 1)),
+                    "prefix": lambda: self.r.choice(("", "notes/", "../", "a//", self.text())),
+                    "id": lambda: self.r.choice((1, 2, 0, -1, 2**63)),
+                    "approve": lambda: self.either(lambda: self.r.random() < 0.5, 0.9),
+                    "namespace": lambda: self.r.choice((None, "someone-else"))}
         return {}  # NoArgs: any field is unknown
 
     def memory_fields(self, name: str) -> dict:

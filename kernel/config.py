@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from kernel.resources import LIMIT_KEYS
 from kernel.scheduler import POLICIES
 from syscalls.codec import DEFAULT_MAX_FRAME
-from syscalls.table import ADMIN, BASIC, LLM, MEMORY, PRIVILEGES, PROC, STORAGE
+from syscalls.table import ADMIN, BASIC, LLM, MEMORY, PRIVILEGES, PROC, STORAGE, TOOLS, TOOLWORK
 
 @dataclass(frozen=True)
 class Group:
@@ -24,18 +24,22 @@ class Group:
 
 
 DEFAULT_GROUPS: dict[str, Group] = {
-    "admin": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY, ADMIN}), priority=10, allow_fork=True),
-    "trusted": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY}), priority=5, allow_fork=True,
+    "admin": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY, TOOLS, ADMIN}), priority=10, allow_fork=True),
+    "trusted": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY, TOOLS}), priority=5, allow_fork=True,
                      limits={"memory_mb": 2048, "procs": 256, "open_files": 1024, "storage_mb": 4096,
                              "storage_keys": 1_000_000}),
-    "default": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY}), priority=0,
+    "default": Group(frozenset({BASIC, PROC, LLM, STORAGE, MEMORY, TOOLS}), priority=0,
                      limits={"memory_mb": 512, "cpu_seconds": 600, "procs": 64, "open_files": 256,
                              "disk_mb": 256, "disk_inodes": 20000, "syscall_rate": 2000, "storage_mb": 256,
                              "storage_keys": 100_000}),
-    "untrusted": Group(frozenset({BASIC, LLM, STORAGE, MEMORY}), priority=-5,
+    "untrusted": Group(frozenset({BASIC, LLM, STORAGE, MEMORY, TOOLS}), priority=-5,
                        limits={"memory_mb": 256, "cpu_seconds": 120, "wall_seconds": 600, "procs": 16,
                                "open_files": 64, "disk_mb": 32, "disk_inodes": 5000, "llm_tokens": 100_000,
                                "syscall_rate": 500, "storage_mb": 16, "storage_keys": 1000}),
+    # The kernel's tool workers (kernel/tools.py): each tool sets memory and CPU at spawn.  No syscall rate: a
+    # worker makes two syscalls per call, and the callers' own rates bound those.
+    "tool": Group(frozenset({BASIC, TOOLWORK}), priority=0,
+                  limits={"procs": 16, "open_files": 64, "disk_mb": 64, "disk_inodes": 5000}),
 }
 
 
@@ -102,6 +106,14 @@ class MemorySection:
 
 
 @dataclass
+class AccessSection:
+    """``[access]``: grants, confirmations, the audit log (docs/access.md)."""
+    path: str = ""             # the directory of access.db (grants) and audit.log; empty: the state dir
+    confirm: list = field(default_factory=list)  # operations that wait for an operator: delete, overwrite, cross_write
+    confirm_timeout_s: int = 300  # a request nobody approves by then is refused (EACCES)
+
+
+@dataclass
 class ModelSection:
     """``[models.NAME]``: another model to serve; 0 = as in ``[llm]``."""
     path: str = ""
@@ -120,6 +132,7 @@ class Config:
     sandbox: SandboxSection = field(default_factory=SandboxSection)
     storage: StorageSection = field(default_factory=StorageSection)
     memory: MemorySection = field(default_factory=MemorySection)
+    access: AccessSection = field(default_factory=AccessSection)
 
 
 def _fill(section, values: dict, where: str) -> None:
@@ -174,7 +187,7 @@ def load(path: str | os.PathLike | None) -> Config:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     for name, values in data.items():
-        if name in ("kernel", "llm", "sandbox", "storage", "memory") and isinstance(values, dict):
+        if name in ("kernel", "llm", "sandbox", "storage", "memory", "access") and isinstance(values, dict):
             _fill(getattr(cfg, name), values, f"{path}: [{name}]")
         elif name == "groups" and isinstance(values, dict):
             for group, spec in values.items():
@@ -189,7 +202,7 @@ def load(path: str | os.PathLike | None) -> Config:
                 if not cfg.models[model].path:
                     raise ConfigError(f"{where} needs `path = \"FILE.gguf\"`")
         else:
-            raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [sandbox], [storage], [memory], "
+            raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [sandbox], [storage], [memory], [access], "
                               "[groups.NAME], [models.NAME]")
     if cfg.kernel.max_pending < 1 or cfg.kernel.max_followers < 1:
         raise ConfigError(f"{path}: [kernel] max_pending and max_followers must be at least 1")
@@ -200,6 +213,10 @@ def load(path: str | os.PathLike | None) -> Config:
     mem = cfg.memory
     if mem.ram_mb < 1 or not 0 <= mem.evict_target <= mem.evict_threshold <= 1:
         raise ConfigError(f"{path}: [memory] needs ram_mb >= 1 and 0 <= evict_target <= evict_threshold <= 1")
+    bad = [c for c in cfg.access.confirm if c not in ("delete", "overwrite", "cross_write")]
+    if bad or cfg.access.confirm_timeout_s < 1:
+        raise ConfigError(f"{path}: [access] confirm takes \"delete\", \"overwrite\", \"cross_write\" (got {bad}) "
+                          "and confirm_timeout_s must be at least 1")
     if cfg.kernel.max_frame < 1024:
         raise ConfigError(f"{path}: [kernel] max_frame must be at least 1024 bytes")
     if cfg.llm.n_seq_max < 1 or cfg.llm.n_ctx_seq < 64:

@@ -23,7 +23,9 @@ import zmq
 
 from kernel.config import Config
 from kernel.engine import EngineError, Engines, SamplingParams
+from kernel.access import Audit, Grants, Pending
 from kernel.memory import MemoryManager
+from kernel.tools import BUILTIN_TOOLS, TOOL_GROUP, ToolManager
 from kernel.storage import MB, Storage
 from kernel.worker import PREP_STACK_BYTES, Worker
 from kernel.proc import Proc, ProcTable, State
@@ -32,6 +34,7 @@ from kernel.resources import RateBucket, ResourceManager, check_tokens, effectiv
 from sandbox.host import Host
 from sandbox.linux import become_subreaper
 from syscalls import codec
+from syscalls.schemas import Spawn
 from syscalls.address import OPERATOR_KEY_NAME
 from syscalls.errors import EAGAIN, ENOENT, EPERM, SyscallError, error_for
 
@@ -43,6 +46,17 @@ LOG_CHUNK = 64 << 10  # characters in one proc.logs chunk
 
 class KernelError(Exception):
     """The kernel cannot start; the message says what to do."""
+
+
+class _Kernel:
+    """The kernel as the owner of what it starts itself (tool workers)."""
+
+    @staticmethod
+    def describe() -> str:
+        return "kernel"
+
+
+_KERNEL = _Kernel()
 
 
 class Kernel:
@@ -62,6 +76,11 @@ class Kernel:
         self.storage_worker: Worker | None = None  # the storage manager's one writer
         self.memory: MemoryManager | None = None
         self.memory_worker: Worker | None = None  # memory calls: embedding, search, writes
+        self.grants: Grants | None = None
+        self.audit: Audit | None = None
+        self.pending = Pending(config.access.confirm_timeout_s)
+        self.tools = ToolManager(dict(BUILTIN_TOOLS), self._spawn_tool_worker,
+                                 lambda proc, why: self.kill(proc, why))
         self._offloaded: set[Call] = set()  # calls whose job a worker has queued or is running
         self.router: Router | None = None
         self._events: collections.deque = collections.deque()
@@ -154,6 +173,9 @@ class Kernel:
                 self._reap()  # belt and braces: a SIGCHLD can coalesce with another signal
             if resources.due():
                 self._enforce_limits()
+                self._expire_confirmations()
+                self.tools.tick()
+                self.audit.flush()
             for what, _ in events:
                 if what is router_sock:
                     self.router.serve_ready()
@@ -173,6 +195,7 @@ class Kernel:
             "pid": os.getpid(), "uptime_s": time.time() - self.started_at, "runtime_dir": str(self.runtime_dir),
             "procs": {"live": len(live), "total": len(self.procs.all())},
             "sandbox": self.host.capabilities(), "llm": self.engine.stats(),
+            "audit_log": self.audit.path if self.audit else None,
         }
 
     def request_shutdown(self, reason: str) -> None:
@@ -198,6 +221,11 @@ class Kernel:
         if self.memory_worker is not None:
             self.memory_worker.close()
             self.memory.close()
+        if self.audit is not None:
+            for waiting in list(self.pending.waiting.values()):
+                self.pending.take(waiting.id).fail("ECANCELED", "the kernel is shutting down")
+            self.audit.close()
+            self.grants.close()
         if self.engine is not None:
             self.engine.close()
             self._drain_engine_events()
@@ -320,6 +348,8 @@ class Kernel:
             self.resources.disk.forget(proc.id, proc.scratch, unmount=bool(mount))  # removed off the loop
             self._cancel_llm(proc)
             self._cancel_offloaded(proc)
+            self.tools.cancel_caller(proc.id)
+            self.tools.ended(proc, f"{proc.state.value} {proc.reason or f'status {proc.exit_status}'}")
             self.router.forget(proc)
             self._end_follows(proc)
             log.info("agent %d (%s) ended: %s %s", proc.id, proc.name, proc.state.value,
@@ -381,6 +411,13 @@ class Kernel:
         except SyscallError as exc:
             raise KernelError(f"cannot open the memory database {path}: {exc.message}") from None
         self.memory_worker = Worker(self._on_offloaded, name="aiosd-memory")
+        self.memory_worker.submit(None, "warm-up", self.memory.warm)  # its outcome is nobody's call: ignored
+        where = Path(self.config.access.path) if self.config.access.path else self.state_dir
+        try:
+            self.grants = Grants(where / "access.db")
+            self.audit = Audit(where / "audit.log")
+        except (sqlite3.Error, OSError) as exc:
+            raise KernelError(f"cannot open the access manager's files in {where}: {exc}") from None
 
     def offload(self, call: Call, job, worker: Worker | None = None) -> None:
         """Run ``job()`` on ``worker`` (default: the storage worker), round robin across agents, and answer
@@ -415,8 +452,48 @@ class Kernel:
             log.error("a %s job failed inside the kernel", call.caller.describe(), exc_info=error)
             call.fail("EIO", "internal kernel error; see the kernel log")
 
+    # --- tools (kernel/tools.py) ----------------------------------------------------------------------
+    def _spawn_tool_worker(self, tool) -> Proc:
+        """A worker process for ``tool``: an agent of the internal group ``tool`` running agentproc/toolworker.py,
+        under the tool's memory and CPU limits."""
+        source = f"from agentproc.toolworker import serve\nserve({tool.name!r}, once={tool.once!r})\n"
+        args = msgspec.convert({"source": source, "name": f"tool-{tool.name}", "group": TOOL_GROUP,
+                                "limits": {"memory_mb": tool.memory_mb, "cpu_seconds": tool.cpu_seconds}},
+                               Spawn)
+        return self.spawn(args, owner=_KERNEL)
+
+    # --- confirmations (kernel/access.py) ----------------------------------------------------------
+    def confirm(self, call: Call, what: str, why: str, run) -> None:
+        """Hold ``call`` until an operator approves it (then ``run()``) or denies it, or the timeout passes
+        (then EACCES).  The waiting agent holds nothing but this record meanwhile."""
+        who, proc = call.caller.describe(), call.caller.proc
+        waiting = self.pending.add(who, what, why, run, call.fail, proc.id if proc else None)
+        self.audit.append(who, what, "waiting", id=waiting.id, why=why)
+        log.info("request %d of %s waits for an operator: %s (%s)", waiting.id, who, what, why)
+
+    def decide(self, wait_id: int, approve: bool, by: str) -> dict:
+        """An operator's decision on a waiting request (ENOENT if none waits under ``wait_id``)."""
+        waiting = self.pending.take(wait_id)
+        self.audit.append(by, waiting.what, "approved" if approve else "denied", id=wait_id, requester=waiting.who)
+        if approve:
+            try:
+                waiting.run()
+            except SyscallError as exc:  # e.g. its agent's cap on calls in flight: the call gets that answer
+                waiting.fail(exc.code, exc.message)
+        else:
+            waiting.fail("EACCES", f"{by} denied it")
+        return waiting.record()
+
+    def _expire_confirmations(self) -> None:
+        for waiting in self.pending.expired():
+            self.audit.append("kernel", waiting.what, "timed out", id=waiting.id, requester=waiting.who)
+            waiting.fail("EACCES", f"no operator approved it within {self.pending.timeout_s} s ([access] "
+                                   "confirm_timeout_s)")
+
     def _cancel_offloaded(self, proc: Proc) -> None:
         """Drop the queued jobs of an ended agent (never acknowledged, never run)."""
+        for waiting in self.pending.of_owner(proc.id):
+            self.audit.append("kernel", waiting.what, "dropped", id=waiting.id, requester=waiting.who)
         for call in self.storage_worker.drop_owner(proc.id) + self.memory_worker.drop_owner(proc.id):
             self._offloaded.discard(call)
             proc.offloaded -= 1

@@ -818,6 +818,11 @@ class MemoryManager:
             c = self._counters.get(self._namespace_id(ns))
             return {"entries": c.entries, "bytes": c.bytes} if c else {"entries": 0, "bytes": 0}
 
+    def warm(self) -> None:
+        """Load the embedder now (WordLlama: ~0.3 s and ~60 MiB), so that the first search does not pay for it
+        and the kernel's memory is at its working size from the start."""
+        self._embed(["warm up"])
+
     def usage_now(self, ns: str) -> dict:
         """``usage(ns)`` without waiting for the lock (a search may hold it for milliseconds): for the quota
         checks of the kernel's other threads.  It may lag a write in progress by one entry."""

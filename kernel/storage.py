@@ -323,6 +323,12 @@ class Storage:
             count = self._reader.execute("SELECT COUNT(*) FROM objects WHERE ns = ? AND key = ?", (ns, key)).fetchone()
             return dict(_version(obj), key=key, versions=count[0])
 
+    def exists(self, ns: str, key: str) -> bool:
+        """Whether ``key`` has a live (not deleted) version in ``ns``."""
+        with self._rlock:
+            row = self._key(self._reader, ns, key)
+        return row is not None and not row[1]
+
     def list(self, ns: str, prefix: str = "", *, after: str = "", limit: int = 100) -> dict:
         """Live keys of ``ns`` that start with ``prefix`` and sort after ``after``, in key order, at most
         ``limit``: ``{"entries": [version + key], "more": bool}``."""

@@ -19,17 +19,48 @@ if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
 
-def namespace(call: Call, asked: str | None) -> str:
-    """The namespace a call acts on: an agent's own (its launch name; naming another is EACCES until the
-    access manager grants it), or the one an operator names (EINVAL when it names none)."""
+def namespace(k: "Kernel", call: Call, asked: str | None, *, key: str | None = None, write: bool = False,
+              what: str = "") -> str:
+    """The namespace a call acts on: an agent's own (its launch name), another only through a grant that covers
+    ``key`` (a storage key or list prefix; None: the whole namespace) for reading or, with ``write``, writing
+    (kernel/access.py; EACCES otherwise, and the decision is audited); operators name any, and must name one."""
     proc = call.caller.proc
     if proc is None:
         if asked is None:
             raise EINVAL("operators must name a namespace (an agent's launch name): add \"namespace\"")
         return asked
-    if asked is not None and asked != proc.name:
-        raise EACCES(f"namespace {asked!r} is not yours (yours is {proc.name!r}); sharing needs a grant")
-    return proc.name
+    if asked is None or asked == proc.name:
+        return proc.name
+    grant = k.grants.allowed(proc.name, proc.group, asked, key, write)
+    k.audit.append(call.caller.describe(), what, "allowed" if grant else "denied", namespace=asked, key=key,
+                   write=write, grant=grant.id if grant else None)
+    if grant is None:
+        need = "read-write" if write else "read"
+        raise EACCES(f"namespace {asked!r} is not yours (yours is {proc.name!r}) and no grant gives you {need} "
+                     f"on {'its key ' + repr(key) if key is not None else 'all of it'}; its owner can "
+                     "grant it (access.grant)")
+    return asked
+
+
+def confirmed(k: "Kernel", call: Call, ns: str, what: str, *, delete: bool = False, overwrite: bool = False,
+              run) -> object:
+    """``run()`` now, or -- when ``[access] confirm`` names a kind this call is (a delete, an overwrite of a
+    key that has versions, a write into another agent's namespace) -- once an operator approves it.  Operators'
+    own calls never wait.  Returns what the handler returns (``DEFERRED``)."""
+    policy, proc = k.config.access.confirm, call.caller.proc
+    reasons = []
+    if proc is not None:
+        if delete and "delete" in policy:
+            reasons.append("a delete")
+        if overwrite and "overwrite" in policy:
+            reasons.append("an overwrite of a versioned key")
+        if ns != proc.name and "cross_write" in policy:
+            reasons.append(f"a write into namespace {ns!r}")
+    if reasons:
+        k.confirm(call, what, " and ".join(reasons), run)
+    else:
+        run()
+    return DEFERRED
 
 
 def quotas(call: Call) -> dict:
@@ -53,38 +84,47 @@ def storage_quotas(k: "Kernel", ns: str, q: dict) -> dict:
 def storage_put(k: "Kernel", call: Call, args: S.StoragePut):
     if not isinstance(args.data, (bytes, str)):
         raise EINVAL(f"data must be bin or str, not {type(args.data).__name__}")
-    ns, q = namespace(call, args.namespace), quotas(call)
-    k.offload(call, lambda: k.storage.put(ns, args.key, args.data, content_type=args.content_type,
-                                          if_version=args.if_version, offset=args.offset, final=args.final,
-                                          **storage_quotas(k, ns, q)))
-    return DEFERRED
+    ns = namespace(k, call, args.namespace, key=args.key, write=True, what=f"storage.put {args.key!r}")
+    q = quotas(call)
+    job = lambda: k.storage.put(ns, args.key, args.data, content_type=args.content_type,  # noqa: E731
+                                if_version=args.if_version, offset=args.offset, final=args.final,
+                                **storage_quotas(k, ns, q))
+    overwrite = args.final and "overwrite" in k.config.access.confirm and k.storage.exists(ns, args.key)
+    return confirmed(k, call, ns, f"storage.put {args.key!r} in {ns!r}", overwrite=overwrite,
+                     run=lambda: k.offload(call, job))
 
 
 def storage_get(k: "Kernel", call: Call, args: S.StorageGet):
-    return k.storage.get(namespace(call, args.namespace), args.key, version=args.version, offset=args.offset,
+    return k.storage.get(namespace(k, call, args.namespace, key=args.key, what=f"storage.get {args.key!r}"), args.key, version=args.version, offset=args.offset,
                          length=args.length)
 
 
 def storage_stat(k: "Kernel", call: Call, args: S.StorageKey):
-    return k.storage.stat(namespace(call, args.namespace), args.key)
+    return k.storage.stat(namespace(k, call, args.namespace, key=args.key, what=f"storage.stat {args.key!r}"),
+                          args.key)
 
 
 def storage_list(k: "Kernel", call: Call, args: S.StorageList):
-    return k.storage.list(namespace(call, args.namespace), args.prefix, after=args.after, limit=args.limit)
+    ns = namespace(k, call, args.namespace, key=args.prefix or None, what=f"storage.list {args.prefix!r}")
+    return k.storage.list(ns, args.prefix, after=args.after, limit=args.limit)
 
 
 def storage_delete(k: "Kernel", call: Call, args: S.StorageDelete):
-    ns = namespace(call, args.namespace)
-    k.offload(call, lambda: k.storage.delete(ns, args.key, if_version=args.if_version, purge=args.purge))
-    return DEFERRED
+    ns = namespace(k, call, args.namespace, key=args.key, write=True, what=f"storage.delete {args.key!r}")
+    job = lambda: k.storage.delete(ns, args.key, if_version=args.if_version, purge=args.purge)  # noqa: E731
+    return confirmed(k, call, ns, f"storage.delete {args.key!r} in {ns!r}{' (purge)' if args.purge else ''}",
+                     delete=True, run=lambda: k.offload(call, job))
 
 
 def storage_versions(k: "Kernel", call: Call, args: S.StorageKey):
-    return k.storage.versions(namespace(call, args.namespace), args.key)
+    return k.storage.versions(namespace(k, call, args.namespace, key=args.key,
+                                        what=f"storage.versions {args.key!r}"), args.key)
 
 
 def storage_rollback(k: "Kernel", call: Call, args: S.StorageRollback):
-    ns, q = namespace(call, args.namespace), quotas(call)
-    k.offload(call, lambda: k.storage.rollback(ns, args.key, args.version, if_version=args.if_version,
-                                               **storage_quotas(k, ns, q)))
-    return DEFERRED
+    ns = namespace(k, call, args.namespace, key=args.key, write=True, what=f"storage.rollback {args.key!r}")
+    q = quotas(call)
+    job = lambda: k.storage.rollback(ns, args.key, args.version, if_version=args.if_version,  # noqa: E731
+                                     **storage_quotas(k, ns, q))
+    return confirmed(k, call, ns, f"storage.rollback {args.key!r} to v{args.version} in {ns!r}", overwrite=True,
+                     run=lambda: k.offload(call, job))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 CODES = (
     "EBADMSG", "EPROTO", "E2BIG", "ENOSYS", "EINVAL", "EPERM", "EACCES", "ENOENT",
-    "EAGAIN", "ETIMEDOUT", "EDQUOT", "ESTALE", "ECANCELED", "EIO",
+    "EAGAIN", "ETIMEDOUT", "EDQUOT", "ESTALE", "ETOOL", "ECANCELED", "EIO",
 )
 
 
@@ -50,5 +50,6 @@ EAGAIN: type[SyscallError]
 ETIMEDOUT: type[SyscallError]
 EDQUOT: type[SyscallError]
 ESTALE: type[SyscallError]
+ETOOL: type[SyscallError]
 ECANCELED: type[SyscallError]
 EIO: type[SyscallError]

@@ -170,3 +170,37 @@ class MemorySearch(Args, kw_only=True):
 
 class MemoryStats(Args, kw_only=True):
     namespace: NamespaceT = None
+
+
+# Access (docs/abi.md, "Access").
+class AccessGrant(Args, kw_only=True):
+    to: Annotated[str, Meta(min_length=1, max_length=70)]  # an agent name, or "group:NAME"
+    mode: Literal["read", "read-write"] = "read"
+    prefix: KeyT = ""
+    namespace: NamespaceT = None
+
+
+class AccessRevoke(Args, kw_only=True):
+    id: Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+
+
+class AccessList(Args, kw_only=True):
+    namespace: NamespaceT = None
+
+
+class AccessDecide(Args, kw_only=True):
+    id: Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+    approve: bool
+
+
+# Tools (docs/abi.md, "Tools").  Arguments are validated against each tool's own JSON Schema by the kernel
+# (kernel/tools.py), which names the offending field.
+class ToolCall(Args, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    args: dict[str, Any] = {}
+
+
+class ToolDone(Args, kw_only=True):
+    job: Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+    result: Any = None
+    error: Annotated[str, Meta(max_length=65536)] | None = None

@@ -15,8 +15,9 @@ import msgspec
 from syscalls import schemas as S
 
 # Privileges (docs/abi.md section 5).
-BASIC, PROC, LLM, STORAGE, MEMORY, ADMIN = "basic", "proc", "llm", "storage", "memory", "admin"
-PRIVILEGES = (BASIC, PROC, LLM, STORAGE, MEMORY, ADMIN)
+BASIC, PROC, LLM, STORAGE, MEMORY, TOOLS, ADMIN = "basic", "proc", "llm", "storage", "memory", "tools", "admin"
+TOOLWORK = "toolwork"  # the kernel's tool workers only (group "tool")
+PRIVILEGES = (BASIC, PROC, LLM, STORAGE, MEMORY, TOOLS, TOOLWORK, ADMIN)
 
 
 @dataclass(frozen=True)
@@ -59,5 +60,14 @@ TABLE: dict[str, Syscall] = {
         Syscall("memory.delete", "kernel.sys_memory:memory_delete", S.MemoryId, MEMORY),
         Syscall("memory.search", "kernel.sys_memory:memory_search", S.MemorySearch, MEMORY),
         Syscall("memory.stats", "kernel.sys_memory:memory_stats", S.MemoryStats, MEMORY),
+        Syscall("tool.list", "kernel.sys_tools:tool_list", S.NoArgs, TOOLS),
+        Syscall("tool.call", "kernel.sys_tools:tool_call", S.ToolCall, TOOLS),
+        Syscall("tool.next", "kernel.sys_tools:tool_next", S.NoArgs, TOOLWORK),
+        Syscall("tool.done", "kernel.sys_tools:tool_done", S.ToolDone, TOOLWORK),
+        Syscall("access.grant", "kernel.sys_access:access_grant", S.AccessGrant, STORAGE),
+        Syscall("access.revoke", "kernel.sys_access:access_revoke", S.AccessRevoke, STORAGE),
+        Syscall("access.list", "kernel.sys_access:access_list", S.AccessList, STORAGE),
+        Syscall("access.pending", "kernel.sys_access:access_pending", S.NoArgs, ADMIN),
+        Syscall("access.decide", "kernel.sys_access:access_decide", S.AccessDecide, ADMIN),
     )
 }

@@ -46,6 +46,8 @@ class KernelProc:
             config += f'\n[storage]\npath = "{tmp / "storage.db"}"\n'
         if "[memory]" not in config:
             config += f'\n[memory]\npath = "{tmp / "memory.db"}"\n'
+        if "[access]" not in config:
+            config += f'\n[access]\npath = "{tmp}"\n'
         self.config_path.write_text(config)
         self.log_path = tmp / "aiosd.log"
         self.endpoint = codec.endpoint(str(self.runtime_dir))

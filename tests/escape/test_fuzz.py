@@ -4,7 +4,7 @@ A sandboxed fuzzer sends random bytes, truncated and bit-flipped msgpack, broken
 ``max_frame``, values nested thousands deep, and every syscall with random arguments, random sampling
 parameters and random JSON schemas (bench/fuzzgen.py).  The kernel must answer every frame it can attribute,
 never with ``EIO``, never crash, and not grow; a neighbour must be unharmed.  ``make bench`` runs the same for
-120k frames (bench/fuzz.py).
+120k frames after a 20k warm-up (bench/fuzz.py).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from syscalls.table import TABLE
 
 pytestmark = pytest.mark.timeout(420)
 
-FRAMES = 20_000
-RSS_GROWTH_MB = 48  # allowed growth of the kernel's RSS between warm-up and the end of the run
+FRAMES = 10_000  # per round: a warm-up round, then a measured one
+RSS_GROWTH_MB = 24  # allowed growth of the kernel's RSS over the measured round
 
 
 def test_the_generator_knows_every_syscall():
@@ -33,11 +33,15 @@ def test_the_generator_is_seeded_and_stays_under_the_hard_limit():
 
 
 def test_random_frames_never_crash_the_kernel_nor_get_eio(kernel, neighbour):
-    result = fuzz(kernel, FRAMES, seed=11, timeout=360)
-    assert result["sent"] == FRAMES, result
-    assert result["eio"] == 0, result["eio_samples"]
-    assert result["malformed"] == 0, result
-    # Every frame with a readable id is answered; ids garbled in flight may go unanswered, nothing else.
-    assert result["answered"] >= 0.5 * FRAMES, result
-    assert result["rss_end_mb"] - result["rss_warm_mb"] < RSS_GROWTH_MB, result
+    """The first round warms the kernel up (the embedder, compute buffers for new batch shapes, grammar
+    caches, SQLite pages: measured, the RSS climbs ~60 MiB over the first ~14k frames, then stays flat); the
+    second must not grow it."""
+    for seed, warmup in ((11, 0.1), (12, 0.0)):
+        result = fuzz(kernel, FRAMES, seed=seed, timeout=300, warmup=warmup)
+        assert result["sent"] == FRAMES, result
+        assert result["eio"] == 0, result["eio_samples"]
+        assert result["malformed"] == 0, result
+        # Every frame with a readable id is answered; ids garbled in flight may go unanswered, nothing else.
+        assert result["answered"] >= 0.5 * FRAMES, result
+    assert result["rss_end_mb"] - result["rss_warm_mb"] < RSS_GROWTH_MB, result["rss_curve"]
     neighbour.assert_unharmed()

@@ -1,0 +1,25 @@
+"""Tools for agents: ``tools.call("calculator", expression="2+2")`` (docs/abi.md, "Tools").
+
+    from agentproc import tools
+    print(tools.call("calculator", expression="17 * 23")["value"])
+    print(tools.call("python", code="sum(range(10))")["result"])
+    for t in tools.list():
+        print(t["name"], t["description"])
+
+A tool runs outside the kernel in a sandboxed worker; its arguments are checked against its JSON schema first
+(``EINVAL`` naming the field).  ``ETOOL``: the tool failed (raised, crashed, or was killed over a limit: the
+message says which); ``ETIMEDOUT``: it ran past its time limit; ``EAGAIN``: its queue is full.
+"""
+from __future__ import annotations
+
+from agentproc.client import Client, default
+
+
+def list(*, client: Client | None = None) -> list[dict]:  # noqa: A001
+    """Every tool: ``name``, ``description``, ``parameters`` (JSON Schema), ``limits``."""
+    return (client or default()).call("tool.list")["tools"]
+
+
+def call(name: str, *, client: Client | None = None, **args):
+    """Run tool ``name`` with ``args`` and return its result."""
+    return (client or default()).call("tool.call", {"name": name, "args": args})["result"]

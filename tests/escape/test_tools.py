@@ -1,0 +1,133 @@
+"""Attacks through tools (docs/abi.md, "Tools"; kernel/tools.py): a tool that crashes, loops, allocates without
+end or forks without end fails its own call only; the Python runner has no network, no exec, no other agent's
+files; one caller cannot leave anything in a worker for the next; instances and queues are bounded; only the
+kernel's workers may take jobs.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import pytest
+
+from agentproc import tools
+from agentproc.errors import EPERM, ETIMEDOUT, ETOOL
+from tests.escape.conftest import attack, denied
+from tests.helpers import agent_result
+
+pytestmark = pytest.mark.timeout(240)
+
+HOSTILE = {
+    "loop": ("while True: pass", ETIMEDOUT),
+    "crash": ("import ctypes; ctypes.string_at(0)", ETOOL),
+    "exit": ("import os; os._exit(7)", ETOOL),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_misbehaving_tool_fails_its_own_call_only(kernel, neighbour, case):
+    code, error = HOSTILE[case]
+    with pytest.raises(error):
+        tools.call("python", code=code, client=kernel.client)
+    assert tools.call("calculator", expression="6*7", client=kernel.client) == {"value": 42}
+    assert tools.call("python", code="1 + 1", client=kernel.client)["result"] == "2"  # a fresh worker
+    neighbour.assert_unharmed()
+
+
+CONTAINED = """
+import json
+from agentproc import tools
+checks = {
+    "alloc": "x = bytearray(10 * 1024**3)",
+    "fork": "import os\\npids = [os.fork() for _ in range(100)]",
+    "exec": "import os\\nos.execv('/bin/sh', ['sh', '-c', 'id'])",
+    "net": "import socket\\ns = socket.create_connection(('127.0.0.1', 22), timeout=2)",
+    "secret": "open(%r).read()",
+    "kernel_files": "import os\\nos.listdir(%r)",
+}
+out = {}
+for name, code in checks.items():
+    r = tools.call("python", code=code)
+    out[name] = r["error"]
+print("RESULT", json.dumps(out), flush=True)
+"""
+
+
+def test_the_python_runner_is_sandboxed(kernel, neighbour):
+    source = CONTAINED % (str(neighbour.secret), str(kernel.runtime_dir))
+    rec, out = kernel.run(source, name="tool-prober", timeout=120)
+    assert rec["exit_status"] == 0, out
+    r = agent_result(out)
+    assert r["alloc"].startswith("MemoryError"), r
+    for name in ("fork", "exec", "net", "secret", "kernel_files"):
+        assert r[name] and r[name].split(":")[0] in ("PermissionError", "OSError", "BlockingIOError",
+                                                      "ConnectionRefusedError", "FileNotFoundError"), (name, r)
+    neighbour.assert_unharmed()
+
+
+def test_a_caller_leaves_nothing_for_the_next_one(kernel):
+    tools.call("python", code="import builtins\nbuiltins.LEFT = 'planted'\nopen('left.txt', 'w').write('x')",
+               client=kernel.client)
+    after = tools.call("python", code="import builtins, os\n(getattr(builtins, 'LEFT', None), "
+                                      "os.path.exists('left.txt'))", client=kernel.client)
+    assert after["result"] == "(None, False)", after
+
+
+def test_instances_bound_concurrency_and_queues_are_fifo(kernel):
+    """20 callers at once on a tool with 2 instances: never more than 2 run at a time, and all are served."""
+    spans, errors = [], []
+
+    def caller():
+        client = kernel.new_client(timeout=120)
+        try:
+            r = tools.call("python", code="import time\nt = time.time()\ntime.sleep(0.3)\n(t, time.time())",
+                           client=client)
+            spans.append(eval(r["result"]))  # noqa: S307 -- a tuple of two floats from our own code
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(spans) == 20, errors
+    points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, step in points:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2, f"{peak} calls of a 2-instance tool ran at once"
+
+
+FAKE_WORKER = """
+from agentproc import client
+c = client.default()
+attempt("next", lambda: c.call("tool.next", timeout=5))
+attempt("done", lambda: c.call("tool.done", {"job": 1, "result": "forged"}, timeout=5))
+"""
+
+
+def test_only_the_kernels_workers_take_jobs(kernel, neighbour):
+    rec, results, out = attack(kernel, FAKE_WORKER, name="fake-worker")
+    assert denied(results, "next", "EPERM") and denied(results, "done", "EPERM"), out
+    with pytest.raises(EPERM):  # an operator is no worker either
+        kernel.client.call("tool.next", timeout=5)
+    neighbour.assert_unharmed()
+
+
+def test_a_flood_of_calls_is_bounded_by_the_queue(kernel):
+    """300 calls at once on a one-instance tool: the queue takes 64, the rest get EAGAIN at once (answers past
+    the peer's answer bound are dropped, as for any peer that does not read), and the tool serves on."""
+    client = kernel.new_client(timeout=60)
+    for _ in range(300):
+        client.sock.send(msgpack.packb({"v": 1, "id": 1, "call": "tool.call",
+                                        "args": {"name": "text", "args": {"op": "upper", "text": "x" * 1000}}}))
+    codes: dict = {}
+    while client.sock.poll(3000):
+        msg = msgpack.unpackb(client.sock.recv())
+        code = "ok" if msg.get("ok") else msg["error"]["code"]
+        codes[code] = codes.get(code, 0) + 1
+    assert codes.get("ok", 0) >= 1 and codes.get("EAGAIN", 0) >= 1 and set(codes) <= {"ok", "EAGAIN"}, codes
+    assert tools.call("text", op="lower", text="OK", client=kernel.client) == {"text": "ok"}
