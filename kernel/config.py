@@ -21,6 +21,7 @@ class Group:
     priority: int = 0
     limits: dict = field(default_factory=dict)
     allow_fork: bool = False  # may its agents create processes (seccomp)? Threads are always allowed.
+    tools: frozenset[str] | None = None  # the tools its agents may call (tool.call, tool.list); None: every tool
 
 
 DEFAULT_GROUPS: dict[str, Group] = {
@@ -152,9 +153,13 @@ def _group(spec, where: str) -> Group:
     """One ``[groups.NAME]`` table: privileges (required), priority, limits."""
     if not isinstance(spec, dict) or not isinstance(spec.get("privileges"), list):
         raise ConfigError(f"{where} needs `privileges = [...]` (and may have `priority`, `limits`)")
-    extra = set(spec) - {"privileges", "priority", "limits", "allow_fork"}
+    extra = set(spec) - {"privileges", "priority", "limits", "allow_fork", "tools"}
     if extra:
-        raise ConfigError(f"{where}: unknown keys {sorted(extra)}; known: privileges, priority, limits, allow_fork")
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)}; known: privileges, priority, limits, allow_fork, "
+                          "tools")
+    tools = spec.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, str) for t in tools)):
+        raise ConfigError(f"{where}.tools: expected a list of tool names, e.g. tools = [\"calculator\"]")
     allow_fork = spec.get("allow_fork", False)
     if not isinstance(allow_fork, bool):
         raise ConfigError(f"{where}.allow_fork: expected true or false")
@@ -173,7 +178,7 @@ def _group(spec, where: str) -> Group:
             raise ConfigError(f"{where}.limits: unknown limit {key!r}; known: {', '.join(LIMIT_KEYS)}")
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{where}.limits.{key}: expected a positive integer")
-    return Group(frozenset(privs), priority, dict(limits), allow_fork)
+    return Group(frozenset(privs), priority, dict(limits), allow_fork, None if tools is None else frozenset(tools))
 
 
 def load(path: str | os.PathLike | None) -> Config:
@@ -213,6 +218,12 @@ def load(path: str | os.PathLike | None) -> Config:
     mem = cfg.memory
     if mem.ram_mb < 1 or not 0 <= mem.evict_target <= mem.evict_threshold <= 1:
         raise ConfigError(f"{path}: [memory] needs ram_mb >= 1 and 0 <= evict_target <= evict_threshold <= 1")
+    from kernel.tools import BUILTIN_TOOLS
+    for gname, group in cfg.groups.items():
+        unknown = sorted((group.tools or frozenset()) - set(BUILTIN_TOOLS))
+        if unknown:
+            raise ConfigError(f"{path}: [groups.{gname}] tools names unknown tools {unknown}; known: "
+                              f"{', '.join(sorted(BUILTIN_TOOLS))}")
     bad = [c for c in cfg.access.confirm if c not in ("delete", "overwrite", "cross_write")]
     if bad or cfg.access.confirm_timeout_s < 1:
         raise ConfigError(f"{path}: [access] confirm takes \"delete\", \"overwrite\", \"cross_write\" (got {bad}) "

@@ -12,11 +12,23 @@ if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
 
+def allowed(k: "Kernel", call: Call) -> frozenset | None:
+    """The tools the caller's group may call (``[groups.NAME] tools``); None: every tool."""
+    group = k.config.groups.get(call.caller.group)
+    return group.tools if group is not None else frozenset()
+
+
 def tool_list(k: "Kernel", call: Call, args: S.NoArgs):
-    return {"tools": k.tools.list()}
+    mine = allowed(k, call)
+    return {"tools": [t for t in k.tools.list() if mine is None or t["name"] in mine]}
 
 
 def tool_call(k: "Kernel", call: Call, args: S.ToolCall):
+    mine = allowed(k, call)
+    if mine is not None and args.name not in mine:
+        k.audit.append(call.caller.describe(), f"tool.call {args.name}", "denied", reason="not in the group's tools")
+        raise EPERM(f"group {call.caller.group!r} may not call tool {args.name!r} ([groups.{call.caller.group}] "
+                    f"tools: {', '.join(sorted(mine)) or 'none'})")
     k.tools.call(call, args.name, dict(args.args))
     k.audit.append(call.caller.describe(), f"tool.call {args.name}", "queued")
     return DEFERRED

@@ -131,3 +131,21 @@ def test_a_flood_of_calls_is_bounded_by_the_queue(kernel):
         codes[code] = codes.get(code, 0) + 1
     assert codes.get("ok", 0) >= 1 and codes.get("EAGAIN", 0) >= 1 and set(codes) <= {"ok", "EAGAIN"}, codes
     assert tools.call("text", op="lower", text="OK", client=kernel.client) == {"text": "ok"}
+
+
+def test_a_group_calls_only_its_tools(tmp_path, model_path):
+    from tests.conftest import TEST_CONFIG, KernelProc
+
+    k = KernelProc(tmp_path, TEST_CONFIG + '\n[groups.calc]\nprivileges = ["basic", "tools"]\n'
+                                           'tools = ["calculator"]\n')
+    try:
+        rec, results, out = attack(k, """
+from agentproc import tools
+attempt("list", lambda: [t["name"] for t in tools.list()])
+attempt("calc", lambda: tools.call("calculator", expression="2+3")["value"])
+attempt("python", lambda: tools.call("python", code="1"))
+""", group="calc", name="calc-agent")
+        assert results["list"] == "OK ['calculator']" and results["calc"] == "OK 5", out
+        assert denied(results, "python", "EPERM"), out
+    finally:
+        k.stop()
