@@ -95,6 +95,26 @@ def clock(utc_offset_minutes: int = 0) -> dict:
     return {"unix": now, "iso": time.strftime("%Y-%m-%dT%H:%M:%S", shifted) + offset}
 
 
+# ---- storage: the caller's own, with the caller's rights (the kernel maps this worker's storage syscalls
+#      to the agent whose call it runs; kernel/sys_storage.py principal) ----------------------------------
+
+def storage_tool(op: str, key: str = "", data: str = "", prefix: str = "") -> dict:
+    """read / write / list in the calling agent's namespace."""
+    from agentproc import storage
+    if op == "read":
+        value = storage.get(key)
+        return {"key": key, "version": value.version, "text": value.data.decode("utf-8", "replace")}
+    if op == "write":
+        version = storage.put(key, data)
+        return {"key": key, "version": version.version, "size": version.size}
+    keys = []
+    for entry in storage.list(prefix):
+        keys.append(entry.key)
+        if len(keys) >= 1000:
+            break
+    return {"keys": keys}
+
+
 # ---- python ----------------------------------------------------------------------------------------------
 
 def python(code: str) -> dict:
@@ -118,7 +138,7 @@ def python(code: str) -> dict:
             "error": error}
 
 
-BUILTINS = {"calculator": calculate, "text": text, "clock": clock, "python": python}
+BUILTINS = {"calculator": calculate, "text": text, "clock": clock, "storage": storage_tool, "python": python}
 
 
 def serve(tool: str, once: bool = False) -> None:

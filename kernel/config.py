@@ -38,8 +38,9 @@ DEFAULT_GROUPS: dict[str, Group] = {
                                "open_files": 64, "disk_mb": 32, "disk_inodes": 5000, "llm_tokens": 100_000,
                                "syscall_rate": 500, "storage_mb": 16, "storage_keys": 1000}),
     # The kernel's tool workers (kernel/tools.py): each tool sets memory and CPU at spawn.  No syscall rate: a
-    # worker makes two syscalls per call, and the callers' own rates bound those.
-    "tool": Group(frozenset({BASIC, TOOLWORK}), priority=0,
+    # worker makes two syscalls per call, and the callers' own rates bound those.  "storage" only ever with the
+    # rights of the agent whose call a worker runs (kernel/sys_storage.py principal).
+    "tool": Group(frozenset({BASIC, TOOLWORK, STORAGE}), priority=0,
                   limits={"procs": 16, "open_files": 64, "disk_mb": 64, "disk_inodes": 5000}),
 }
 

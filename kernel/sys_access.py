@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from kernel.router import Call
 from syscalls import schemas as S
-from syscalls.errors import EACCES, EINVAL
+from kernel.tools import TOOL_GROUP
+from syscalls.errors import EACCES, EINVAL, EPERM
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -20,6 +21,8 @@ def _owned(call: Call, asked: str | None) -> str:
         if asked is None:
             raise EINVAL("operators must name the namespace whose grants they manage: add \"namespace\"")
         return asked
+    if proc.group == TOOL_GROUP:
+        raise EPERM("tool workers manage no grants")
     if asked is not None and asked != proc.name:
         raise EACCES(f"only the owner of namespace {asked!r} may manage its grants")
     return proc.name
@@ -33,7 +36,7 @@ def access_grant(k: "Kernel", call: Call, args: S.AccessGrant):
 
 
 def access_revoke(k: "Kernel", call: Call, args: S.AccessRevoke):
-    owner = None if call.caller.proc is None else call.caller.proc.name
+    owner = None if call.caller.proc is None else _owned(call, None)
     grant = k.grants.remove(args.id, owner)
     k.audit.append(call.caller.describe(), "access.revoke", "revoked", **grant.record())
     return {"revoked": True, **grant.record()}

@@ -24,7 +24,7 @@ def _offload(k: "Kernel", call: Call, job) -> object:
 
 def memory_add(k: "Kernel", call: Call, args: S.MemoryAdd):
     ns = namespace(k, call, args.namespace, write=True, what="memory.add")
-    q = quotas(call)
+    q = quotas(k, call)
 
     def add():
         used = k.storage.usage_now(ns)  # storage's share of the namespace's quotas

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from kernel.router import DEFERRED, Call
 from kernel.storage import MB
+from kernel.tools import TOOL_GROUP
 from syscalls import schemas as S
 from syscalls.errors import EACCES, EINVAL
 
@@ -19,12 +20,27 @@ if TYPE_CHECKING:
     from kernel.kernel import Kernel
 
 
+def principal(k: "Kernel", call: Call):
+    """Whose rights a storage or memory call uses: the calling agent's (None for operators).  A tool worker has
+    none of its own: while it runs a call of a tool that acts for its caller (the storage tool), it has that
+    caller's -- its namespace, grants and quotas, never the worker's or the kernel's (the confused deputy);
+    otherwise EACCES."""
+    proc = call.caller.proc
+    if proc is None or proc.group != TOOL_GROUP:
+        return proc
+    job = k.tools.job_of(proc)
+    if job is None or not job.tool.acts_for_caller or job.call.caller.proc is None:
+        raise EACCES("a tool reaches storage only for the agent whose call it runs (tools that act for their "
+                     "caller, e.g. the storage tool)")
+    return job.call.caller.proc
+
+
 def namespace(k: "Kernel", call: Call, asked: str | None, *, key: str | None = None, write: bool = False,
               what: str = "") -> str:
     """The namespace a call acts on: an agent's own (its launch name), another only through a grant that covers
     ``key`` (a storage key or list prefix; None: the whole namespace) for reading or, with ``write``, writing
     (kernel/access.py; EACCES otherwise, and the decision is audited); operators name any, and must name one."""
-    proc = call.caller.proc
+    proc = principal(k, call)
     if proc is None:
         if asked is None:
             raise EINVAL("operators must name a namespace (an agent's launch name): add \"namespace\"")
@@ -47,7 +63,7 @@ def confirmed(k: "Kernel", call: Call, ns: str, what: str, *, delete: bool = Fal
     """``run()`` now, or -- when ``[access] confirm`` names a kind this call is (a delete, an overwrite of a
     key that has versions, a write into another agent's namespace) -- once an operator approves it.  Operators'
     own calls never wait.  Returns what the handler returns (``DEFERRED``)."""
-    policy, proc = k.config.access.confirm, call.caller.proc
+    policy, proc = k.config.access.confirm, principal(k, call)
     reasons = []
     if proc is not None:
         if delete and "delete" in policy:
@@ -63,10 +79,11 @@ def confirmed(k: "Kernel", call: Call, ns: str, what: str, *, delete: bool = Fal
     return DEFERRED
 
 
-def quotas(call: Call) -> dict:
+def quotas(k: "Kernel", call: Call) -> dict:
     """The caller's storage quotas as the managers take them (None: unlimited, e.g. operators).  The storage
     and memory of a namespace share them: each manager is given them less what the other one holds."""
-    limits = call.caller.proc.limits if call.caller.proc is not None else {}
+    proc = principal(k, call)
+    limits = proc.limits if proc is not None else {}
     mb, keys = limits.get("storage_mb"), limits.get("storage_keys")
     return {"quota_bytes": mb * MB if mb else None, "quota_keys": keys or None}
 
@@ -85,7 +102,7 @@ def storage_put(k: "Kernel", call: Call, args: S.StoragePut):
     if not isinstance(args.data, (bytes, str)):
         raise EINVAL(f"data must be bin or str, not {type(args.data).__name__}")
     ns = namespace(k, call, args.namespace, key=args.key, write=True, what=f"storage.put {args.key!r}")
-    q = quotas(call)
+    q = quotas(k, call)
     job = lambda: k.storage.put(ns, args.key, args.data, content_type=args.content_type,  # noqa: E731
                                 if_version=args.if_version, offset=args.offset, final=args.final,
                                 **storage_quotas(k, ns, q))
@@ -123,7 +140,7 @@ def storage_versions(k: "Kernel", call: Call, args: S.StorageKey):
 
 def storage_rollback(k: "Kernel", call: Call, args: S.StorageRollback):
     ns = namespace(k, call, args.namespace, key=args.key, write=True, what=f"storage.rollback {args.key!r}")
-    q = quotas(call)
+    q = quotas(k, call)
     job = lambda: k.storage.rollback(ns, args.key, args.version, if_version=args.if_version,  # noqa: E731
                                      **storage_quotas(k, ns, q))
     return confirmed(k, call, ns, f"storage.rollback {args.key!r} to v{args.version} in {ns!r}", overwrite=True,

@@ -43,6 +43,7 @@ class Tool:
     cpu_seconds: int = 60     # each worker's CPU limit (over its life)
     queue: int = 64           # calls waiting beyond the running ones (EAGAIN past it)
     once: bool = False        # a worker serves one call, then exits (tools that run the caller's code)
+    acts_for_caller: bool = False  # while on a call, its storage syscalls use the caller's rights (sys_storage)
 
     def record(self) -> dict:
         return {"name": self.name, "description": self.description, "parameters": self.parameters,
@@ -65,6 +66,15 @@ BUILTIN_TOOLS = {t.name: t for t in (
          {"type": "object", "properties": {"utc_offset_minutes": {"type": "integer", "minimum": -840,
                                                                    "maximum": 840}},
           "additionalProperties": False}, instances=1),
+    Tool("storage", "Read, write or list the calling agent's own storage (with the caller's rights: its namespace, "
+         "its grants, its quotas).",
+         {"type": "object", "properties": {
+             "op": {"enum": ["read", "write", "list"]}, "key": {"type": "string", "minLength": 1, "maxLength": 1024},
+             "data": {"type": "string", "maxLength": 100_000}, "prefix": {"type": "string", "maxLength": 1024}},
+          "required": ["op"], "additionalProperties": False,
+          "allOf": [{"if": {"properties": {"op": {"enum": ["read", "write"]}}}, "then": {"required": ["key"]}},
+                    {"if": {"properties": {"op": {"const": "write"}}}, "then": {"required": ["data"]}}]},
+         instances=2, acts_for_caller=True),
     Tool("python", "Run Python code in a sandbox (no network, no subprocesses, its own scratch dir, memory and "
          "time limits); returns stdout, stderr and the value of the last expression.",
          {"type": "object", "properties": {"code": {"type": "string", "minLength": 1, "maxLength": 100_000}},
@@ -185,6 +195,10 @@ class ToolManager:
                 self._kill(job.worker, f"tool call past {job.tool.timeout_s:g} s")
         for state in self._state.values():
             self._dispatch(state)
+
+    def job_of(self, worker) -> Job | None:
+        """The call ``worker`` is running, if any."""
+        return self._by_worker.get(worker.id)
 
     def cancel_caller(self, proc_id: int) -> None:
         """Drop the queued calls of an agent that ended (a running one finishes; its answer goes nowhere)."""

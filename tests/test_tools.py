@@ -36,7 +36,7 @@ def test_builtin_tools_from_an_agent(kernel):
     rec, out = kernel.run(AGENT, name="tool-user")
     assert rec["exit_status"] == 0, out
     r = agent_result(out)
-    assert r["names"] == ["calculator", "clock", "python", "text"]
+    assert r["names"] == ["calculator", "clock", "python", "storage", "text"]
     assert r["calc"] == pytest.approx(395 / 3)
     assert r["text"] == {"words": 4, "lines": 2, "characters": 18}
     assert r["python"]["result"] == "3628800" and r["python"]["stdout"] == "side effect\n"

@@ -11,7 +11,7 @@ import time
 import msgpack
 import pytest
 
-from agentproc import tools
+from agentproc import storage, tools
 from agentproc.errors import EPERM, ETIMEDOUT, ETOOL
 from tests.escape.conftest import attack, denied
 from tests.helpers import agent_result
@@ -37,7 +37,7 @@ def test_a_misbehaving_tool_fails_its_own_call_only(kernel, neighbour, case):
 
 CONTAINED = """
 import json
-from agentproc import tools
+from agentproc import storage, tools
 checks = {
     "alloc": "x = bytearray(10 * 1024**3)",
     "fork": "import os\\npids = [os.fork() for _ in range(100)]",
@@ -140,7 +140,7 @@ def test_a_group_calls_only_its_tools(tmp_path, model_path):
                                            'tools = ["calculator"]\n')
     try:
         rec, results, out = attack(k, """
-from agentproc import tools
+from agentproc import storage, tools
 attempt("list", lambda: [t["name"] for t in tools.list()])
 attempt("calc", lambda: tools.call("calculator", expression="2+3")["value"])
 attempt("python", lambda: tools.call("python", code="1"))
@@ -149,3 +149,29 @@ attempt("python", lambda: tools.call("python", code="1"))
         assert denied(results, "python", "EPERM"), out
     finally:
         k.stop()
+
+
+DEPUTY = """
+from agentproc import storage, tools
+storage.put("mine.txt", "caller's own")
+attempt("write", lambda: tools.call("storage", op="write", key="via-tool.txt", data="written by the tool")["version"])
+attempt("read_back", lambda: storage.get("via-tool.txt").text)
+attempt("read_own", lambda: tools.call("storage", op="read", key="mine.txt")["text"])
+attempt("list", lambda: tools.call("storage", op="list")["keys"])
+attempt("victim", lambda: tools.call("storage", op="read", key="secret.txt")["text"])
+attempt("python_storage", lambda: tools.call("python", code="from agentproc import storage\\nstorage.get('x')")["error"])
+attempt("bad_args", lambda: tools.call("storage", op="write", key="k"))
+"""
+
+
+def test_the_storage_tool_acts_with_its_callers_rights_only(kernel, neighbour):
+    storage.put("secret.txt", "the victim's", namespace="deputy-victim", client=kernel.client)
+    rec, results, out = attack(kernel, DEPUTY, name="deputy-user")
+    assert results["write"] == "OK 1" and results["read_back"] == "OK written by the tool", out
+    assert results["read_own"] == "OK caller's own", out
+    assert results["list"] == "OK ['mine.txt', 'via-tool.txt']", out
+    assert denied(results, "victim", "ETOOL"), out  # ENOENT inside: the caller's own namespace has no secret.txt
+    assert results["python_storage"].startswith("OK EACCES"), out  # a tool that does not act for its caller
+    assert denied(results, "bad_args", "EINVAL"), out
+    assert storage.get("secret.txt", namespace="deputy-victim", client=kernel.client).text == "the victim's"
+    neighbour.assert_unharmed()
