@@ -22,6 +22,12 @@ class Completion:
     def __str__(self) -> str:
         return self.text
 
+    @property
+    def tool_calls(self) -> list[dict]:
+        """The tool calls of an ``llm.chat(..., tools=...)`` answer, OpenAI-shaped: ``[{"id", "type":
+        "function", "function": {"name", "arguments" (a JSON string)}}]``; empty otherwise."""
+        return self.extra.get("tool_calls", [])
+
     def __repr__(self) -> str:
         return f"Completion(text={self.text!r}, finish_reason={self.finish_reason!r}, usage={self.usage!r})"
 
@@ -50,5 +56,7 @@ def generate(prompt: str, *, stream: bool = False, client: Client | None = None,
 
 
 def chat(messages: list[dict], *, stream: bool = False, client: Client | None = None, **params):
-    """Answer a conversation (``[{"role": "user", "content": "..."}]``) with the model's chat template."""
+    """Answer a conversation (``[{"role": "user", "content": "..."}]``) with the model's chat template.
+    ``tools=["calculator", ...]`` (and ``tool_choice``) makes the model answer with a tool call whose arguments
+    match the tool's schema: ``.tool_calls`` (docs/abi.md, llm.chat)."""
     return _call("llm.chat", {"messages": messages, **params}, stream, client)

@@ -323,6 +323,10 @@ class Frames:
             f["prompt"] = lambda: e(self.prompt, 0.9)
         else:
             f["messages"] = lambda: e(self.messages, 0.85)
+            f["tools"] = lambda: None if self.chance(0.7) else r.choice((
+                ["calculator"], ["text", "clock"], ["nope"], [], [{"name": "own", "parameters": self.schema()}],
+                [{"name": 5}], ["calculator"] * 40, self.value()))
+            f["tool_choice"] = lambda: r.choice((None, "auto", "required", "none", {"name": "calculator"}, "x", 5))
         return f
 
     def prompt(self) -> str:

@@ -25,6 +25,7 @@ from kernel.config import Config
 from kernel.engine import EngineError, Engines, SamplingParams
 from kernel.access import Audit, Grants, Pending
 from kernel.memory import MemoryManager
+from kernel import toolcalls
 from kernel.tools import BUILTIN_TOOLS, TOOL_GROUP, ToolManager
 from kernel.storage import MB, Storage
 from kernel.worker import PREP_STACK_BYTES, Worker
@@ -82,6 +83,7 @@ class Kernel:
         self.tools = ToolManager(dict(BUILTIN_TOOLS), self._spawn_tool_worker,
                                  lambda proc, why: self.kill(proc, why))
         self._offloaded: set[Call] = set()  # calls whose job a worker has queued or is running
+        self.tool_chats: dict[Call, dict] = {}  # llm.chat calls with tools -> the tools offered (toolcalls.shape)
         self.router: Router | None = None
         self._events: collections.deque = collections.deque()
         self._followers: dict[int, list[Call]] = {}
@@ -557,6 +559,7 @@ class Kernel:
             proc.reserved_tokens -= call.reserved
             proc.pending -= 1
         call.reserved, call.ended = 0, True
+        self.tool_chats.pop(call, None)
 
     def _on_prepared(self, call: Call, prep, error: BaseException | None) -> None:
         """Preparer worker: hand the outcome to the main thread, as engine events are."""
@@ -621,7 +624,10 @@ class Kernel:
                 continue
             proc = call.caller.proc
             usage = payload["usage"] if kind == "done" else getattr(payload, "usage", None)
+            specs = self.tool_chats.get(call)
             self._end_llm_call(call)
+            if kind == "done" and specs is not None:
+                payload = toolcalls.shape(payload, specs, f"call_{call.rid}")
             if proc is not None and usage:  # cancelled, failed and killed requests are charged what they computed
                 proc.prompt_tokens += usage["prompt_tokens"]
                 proc.completion_tokens += usage["completion_tokens"]

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
+
+from kernel import toolcalls
 from kernel.router import DEFERRED, Call
+from kernel.sys_tools import allowed
 from syscalls import schemas as S
+from syscalls.errors import EINVAL
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -19,6 +24,17 @@ def llm_generate(k: "Kernel", call: Call, args: S.Generate):
 
 def llm_chat(k: "Kernel", call: Call, args: S.Chat):
     messages = [{"role": m.role, "content": m.content} for m in args.messages]
+    if args.tools is not None:
+        if args.json_schema is not None or args.stream:
+            raise EINVAL("tools cannot be combined with json_schema or stream (the tool call is the schema, and "
+                         "it comes whole)")
+        schema, system, specs = toolcalls.plan(k.tools.tools, allowed(k, call), list(args.tools), args.tool_choice)
+        if schema is not None:
+            messages = [{"role": "system", "content": system}] + messages
+            args = msgspec.structs.replace(args, json_schema=schema)
+            k.llm_submit(call, None, args, messages=messages)
+            k.tool_chats[call] = specs  # its answer is shaped into tool_calls (toolcalls.shape)
+            return DEFERRED
     k.llm_submit(call, None, args, messages=messages)
     return DEFERRED
 

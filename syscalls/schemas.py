@@ -88,6 +88,9 @@ class Message(Args):
 
 class Chat(_Sampling, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1, max_length=256)]
+    # Tool calls (docs/abi.md, llm.chat; kernel/toolcalls.py): tool names or {name, description, parameters}.
+    tools: Annotated[list[Any], Meta(max_length=32)] | None = None
+    tool_choice: Any = None  # "auto" | "required" | "none" | {"name": TOOL}; default "required" with tools
 
 
 class Cancel(Args):
