@@ -18,7 +18,9 @@ write into another agent's namespace).  ``Pending`` holds each waiting call with
 confirmation request and decision to ``<state-dir>/audit.log``.  Each record carries the SHA-256 of the previous
 record's line and its own (``verify`` recomputes the chain, so an edited, inserted or deleted line is detected).
 Lines are written with ``O_APPEND`` at once and fsynced at most once a second (``flush``); a write error (a full
-disk) drops the record, counts it and says so once in the kernel log, never stopping the kernel.
+disk) drops the record, counts it and says so once in the kernel log, never stopping the kernel.  One principal
+gets at most ``PER_WHO_PER_S`` records a second (the rest are counted into its next record), so an agent that
+floods refused calls spends its own syscall rate, not the kernel's disk.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ CONFIRMABLE = ("delete", "overwrite", "cross_write")
 GROUP_PREFIX = "group:"
 GENESIS = "0" * 64
 MAX_GRANTS_PER_OWNER = 256
+PER_WHO_PER_S = 20  # audit records a second for one principal; the rest are counted into its next record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS grants(
@@ -141,6 +144,7 @@ class Audit:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.dropped = 0
+        self._rate: dict[str, tuple[float, int, int]] = {}  # who -> (window start, records in it, suppressed)
         self._dirty = False
         self._last_sync = 0.0
         self._seq, self._prev = self._tail()
@@ -166,7 +170,22 @@ class Audit:
         return 0, GENESIS
 
     def append(self, who: str, what: str, decision: str, **detail) -> None:
-        """One record: who did what, what was decided, when, and details.  Never raises."""
+        """One record: who did what, what was decided, when, and details.  Never raises.  At most
+        ``PER_WHO_PER_S`` records a second for one ``who``: past that they are counted, and the next record
+        of that ``who`` carries the count (``suppressed``), so a flood of refused calls cannot fill the disk."""
+        now = time.monotonic()
+        window, count, suppressed = self._rate.get(who, (now, 0, 0))
+        if now - window >= 1.0:
+            window, count = now, 0
+        if count >= PER_WHO_PER_S:
+            self._rate[who] = (window, count, suppressed + 1)
+            return
+        self._rate[who] = (window, count + 1, 0)
+        if len(self._rate) > 4096:  # forget the quietest: their windows have long passed
+            for key in [k for k, (w, _, s) in self._rate.items() if now - w > 1.0 and not s][:2048]:
+                del self._rate[key]
+        if suppressed:
+            detail["suppressed"] = suppressed
         self._seq += 1
         rec = {"seq": self._seq, "time": round(time.time(), 6), "who": who, "what": what, "decision": decision,
                "detail": detail, "prev": self._prev}
@@ -185,8 +204,15 @@ class Audit:
         self._dirty = True
 
     def flush(self) -> None:
-        """fsync what was appended since the last flush (the kernel calls it at most once a second)."""
-        if self._dirty:
+        """Write the counts of records suppressed in windows that have ended, and fsync what was appended since
+        the last flush (the kernel calls it every quarter second; the fsync happens at most once a second)."""
+        now = time.monotonic()
+        for who, (window, _, suppressed) in list(self._rate.items()):
+            if suppressed and now - window >= 1.0:
+                self._rate[who] = (now, 0, 0)
+                self.append(who, "audit", "suppressed", count=suppressed)
+        if self._dirty and now - self._last_sync >= 1.0:
+            self._last_sync = now
             self._dirty = False
             try:
                 os.fsync(self._fd)

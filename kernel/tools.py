@@ -133,6 +133,12 @@ class ToolManager:
         check_args(state.tool, args)
         if len(state.queue) >= state.tool.queue:
             raise EAGAIN(f"tool {name!r} has {len(state.queue)} calls waiting (its queue limit); retry later")
+        caller = call.caller.proc
+        if caller is not None:  # one agent may hold a quarter of a tool's queue, so it cannot shut others out
+            mine = sum(1 for job in state.queue if job.call.caller.proc is caller)
+            if mine >= max(1, state.tool.queue // 4):
+                raise EAGAIN(f"you have {mine} calls of tool {name!r} waiting (a quarter of its queue); wait for "
+                             "their answers")
         state.queue.append(Job(next(self._ids), state.tool, args, call, time.monotonic()))
         self._dispatch(state)
 

@@ -47,3 +47,33 @@ def test_builtin_tools_from_an_agent(kernel):
     assert r["nested"].startswith("EINVAL: args['op']")
     assert r["unknown"].startswith("ENOENT")
     assert r["unsafe"].startswith("ETOOL") and "not allowed" in r["unsafe"]
+
+
+def test_one_caller_holds_at_most_a_quarter_of_a_tools_queue():
+    """Unit test of the manager's queue (no workers start: spawn fails, so calls stay queued)."""
+    from agentproc.errors import EAGAIN
+    from kernel.tools import Tool, ToolManager
+
+    def no_spawn(tool):
+        raise OSError("no workers in this test")
+
+    class Caller:
+        def __init__(self, proc):
+            self.proc = proc
+
+    class FakeCall:
+        done = False
+
+        def __init__(self, proc):
+            self.caller = Caller(proc)
+
+    tool = Tool("t", "test", {"type": "object"}, instances=1, queue=8)
+    tm = ToolManager({"t": tool}, no_spawn, lambda proc, why: None)
+    hog, other = object(), object()
+    for _ in range(2):
+        tm.call(FakeCall(hog), "t", {})
+    with pytest.raises(EAGAIN, match="a quarter"):
+        tm.call(FakeCall(hog), "t", {})
+    for _ in range(2):
+        tm.call(FakeCall(other), "t", {})
+    assert tm.stats()["t"]["queued"] == 4

@@ -159,3 +159,27 @@ access.revoke(g["id"])
     removed.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
     result = ctl(kernel, "audit", "--verify", "--file", str(removed))
     assert result.returncode == 1 and "does not follow" in result.stdout, result.stdout
+
+
+def test_a_flood_of_refused_calls_does_not_flood_the_audit_log(kernel):
+    path = kernel.client.call("sys.status")["audit_log"]
+    before = len(open(path).read().splitlines())
+    rec, results, out = attack(kernel, """
+from agentproc import storage
+n = 0
+for i in range(600):
+    try:
+        storage.get("x", namespace="someone-else")
+    except Exception:
+        n += 1
+print("REFUSED", n, flush=True)
+""", name="audit-flooder", limits={"syscall_rate": 100_000})
+    assert "REFUSED 600" in out, out
+    time.sleep(1.5)  # the suppressed count is written once its one-second window has passed
+    lines = [json.loads(line) for line in open(path).read().splitlines()[before:]]
+    mine = [r for r in lines if "audit-flooder" in r["who"]]
+    assert len(mine) < 200, len(mine)  # 20 a second at most, not 600
+    denied_, counted = sum(r["decision"] == "denied" for r in mine), sum(
+        r["detail"].get("count", 0) + r["detail"].get("suppressed", 0) for r in mine)
+    assert denied_ + counted == 600, (denied_, counted)  # every refusal is in the log, most as a count
+    assert ctl(kernel, "audit", "--verify").returncode == 0
