@@ -319,7 +319,13 @@ class Kernel:
             self._close_pipe(proc, fd)
 
     def _publish(self, proc: Proc, fd_no: int, data: bytes, final: bool = False) -> None:
+        was_truncated = proc.output.truncated
         text = proc.output.add(fd_no, data, final)
+        if proc.output.truncated and not was_truncated and proc.limits.get("disk_mb"):
+            # The log alone is over disk_mb now: kill at once, not at the next sample, which an agent that
+            # floods and exits within a sampling period would never meet (docs/sandbox.md, "Disk").
+            self.kill(proc, f"DiskQuota: {proc.output.log_bytes / MB:.0f} MB in captured output "
+                            f"> limit {proc.limits['disk_mb']}")
         if text:
             for call in self._followers.get(proc.id, ()):
                 call.chunk({"fd": fd_no, "data": text})
