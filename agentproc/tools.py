@@ -20,6 +20,7 @@ def list(*, client: Client | None = None) -> list[dict]:  # noqa: A001
     return (client or default()).call("tool.list")["tools"]
 
 
-def call(name: str, *, client: Client | None = None, **args):
-    """Run tool ``name`` with ``args`` and return its result."""
-    return (client or default()).call("tool.call", {"name": name, "args": args})["result"]
+def call(name: str, arguments: dict | None = None, /, *, client: Client | None = None, **args):
+    """Run tool ``name`` with ``args`` (keywords, or a map as the second argument: for an argument called
+    ``client``, or names that are not Python identifiers) and return its result."""
+    return (client or default()).call("tool.call", {"name": name, "args": {**(arguments or {}), **args}})["result"]

@@ -6,6 +6,8 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tomllib
 from dataclasses import dataclass, field, fields
 
@@ -126,6 +128,27 @@ class ModelSection:
 
 
 @dataclass
+class McpServer:
+    """``[mcp.NAME]``: an MCP server (stdio) whose tools agents may call as ``NAME.TOOL`` (docs/tools.md)."""
+    name: str = ""
+    command: list = field(default_factory=list)  # argv; "python" is the kernel's own interpreter
+    env: dict = field(default_factory=dict)      # more environment for the server (strings)
+    read: list = field(default_factory=list)     # more paths it may read and run (its program, its data)
+    packages: list = field(default_factory=list)  # installed distributions it imports (with their requirements)
+    network: bool = False      # may it reach the network (only if some tool does not say openWorldHint = false)
+    instances: int = 1         # server processes at most: calls of its tools run at most this many at once
+    timeout_s: float = 30.0    # wall time of one call (ETIMEDOUT; the server process is replaced)
+    start_timeout_s: float = 30.0  # start and list its tools within this
+    memory_mb: int = 512       # each server process with its bridge
+    cpu_seconds: int = 3600
+    queue: int = 64            # calls waiting beyond the running ones (EAGAIN past it)
+    confirm: str = "destructive"  # which calls wait for an operator: destructive | always | never
+
+
+MCP_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+@dataclass
 class Config:
     kernel: KernelSection = field(default_factory=KernelSection)
     llm: LLMSection = field(default_factory=LLMSection)
@@ -135,6 +158,7 @@ class Config:
     storage: StorageSection = field(default_factory=StorageSection)
     memory: MemorySection = field(default_factory=MemorySection)
     access: AccessSection = field(default_factory=AccessSection)
+    mcp: dict[str, McpServer] = field(default_factory=dict)
 
 
 def _fill(section, values: dict, where: str) -> None:
@@ -182,6 +206,38 @@ def _group(spec, where: str) -> Group:
     return Group(frozenset(privs), priority, dict(limits), allow_fork, None if tools is None else frozenset(tools))
 
 
+def _mcp(name: str, spec, where: str) -> McpServer:
+    """One ``[mcp.NAME]`` section, checked: a name, a command that resolves to a program, sane limits."""
+    if not MCP_NAME.fullmatch(name) or not isinstance(spec, dict):
+        raise ConfigError(f"{where}: a table, named with 1-32 lower-case letters, digits, '_' or '-' (a letter "
+                          "first): its tools are called NAME.TOOL")
+    server = McpServer(name=name)
+    _fill(server, {k: v for k, v in spec.items() if k != "name"}, where)
+    if "name" in spec:
+        raise ConfigError(f"{where}: unknown key 'name' (the section's name is the server's)")
+    if not server.command or not all(isinstance(a, str) and a and "\0" not in a for a in server.command):
+        raise ConfigError(f"{where}.command: a list of strings, the program first, e.g. "
+                          "command = [\"python\", \"/srv/mcp/notes.py\"]")
+    if server.command[0] != "python" and shutil.which(server.command[0]) is None:
+        raise ConfigError(f"{where}.command: program {server.command[0]!r} not found (give its absolute path)")
+    for key, items in (("read", server.read), ("packages", server.packages)):
+        if not all(isinstance(a, str) and a for a in items):
+            raise ConfigError(f"{where}.{key}: a list of strings")
+    missing = [p for p in server.read if not os.path.isabs(p) or not os.path.exists(p)]
+    if missing:
+        raise ConfigError(f"{where}.read: {missing} must be absolute paths that exist")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in server.env.items()):
+        raise ConfigError(f"{where}.env: a table of strings, e.g. env = {{ LOG_LEVEL = \"info\" }}")
+    if server.confirm not in ("destructive", "always", "never"):
+        raise ConfigError(f"{where}.confirm: \"destructive\" (tools that do not say readOnlyHint = true or "
+                          f"destructiveHint = false), \"always\" or \"never\"; got {server.confirm!r}")
+    if min(server.instances, server.memory_mb, server.cpu_seconds, server.queue) < 1 \
+            or min(server.timeout_s, server.start_timeout_s) <= 0 or server.instances > 64:
+        raise ConfigError(f"{where}: instances (1-64), memory_mb, cpu_seconds and queue must be at least 1, "
+                          "timeout_s and start_timeout_s above 0")
+    return server
+
+
 def load(path: str | os.PathLike | None) -> Config:
     """The configuration from ``path`` (TOML) over the defaults; the defaults alone when ``path`` is None."""
     cfg = Config()
@@ -207,9 +263,12 @@ def load(path: str | os.PathLike | None) -> Config:
                 _fill(cfg.models[model], spec, where)
                 if not cfg.models[model].path:
                     raise ConfigError(f"{where} needs `path = \"FILE.gguf\"`")
+        elif name == "mcp" and isinstance(values, dict):
+            for server, spec in values.items():
+                cfg.mcp[server] = _mcp(server, spec, f"{path}: [mcp.{server}]")
         else:
             raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [sandbox], [storage], [memory], [access], "
-                              "[groups.NAME], [models.NAME]")
+                              "[groups.NAME], [models.NAME], [mcp.NAME]")
     if cfg.kernel.max_pending < 1 or cfg.kernel.max_followers < 1:
         raise ConfigError(f"{path}: [kernel] max_pending and max_followers must be at least 1")
     st = cfg.storage
@@ -220,11 +279,11 @@ def load(path: str | os.PathLike | None) -> Config:
     if mem.ram_mb < 1 or not 0 <= mem.evict_target <= mem.evict_threshold <= 1:
         raise ConfigError(f"{path}: [memory] needs ram_mb >= 1 and 0 <= evict_target <= evict_threshold <= 1")
     from kernel.tools import BUILTIN_TOOLS
-    for gname, group in cfg.groups.items():
-        unknown = sorted((group.tools or frozenset()) - set(BUILTIN_TOOLS))
+    for gname, group in cfg.groups.items():  # an MCP server's tools are known once it runs: SERVER.* or SERVER.X
+        unknown = sorted(t for t in group.tools or () if t not in BUILTIN_TOOLS and t.split(".", 1)[0] not in cfg.mcp)
         if unknown:
             raise ConfigError(f"{path}: [groups.{gname}] tools names unknown tools {unknown}; known: "
-                              f"{', '.join(sorted(BUILTIN_TOOLS))}")
+                              f"{', '.join(sorted(BUILTIN_TOOLS))}, and SERVER.* or SERVER.TOOL of an [mcp.SERVER]")
     bad = [c for c in cfg.access.confirm if c not in ("delete", "overwrite", "cross_write")]
     if bad or cfg.access.confirm_timeout_s < 1:
         raise ConfigError(f"{path}: [access] confirm takes \"delete\", \"overwrite\", \"cross_write\" (got {bad}) "

@@ -26,7 +26,7 @@ from kernel.engine import EngineError, Engines, SamplingParams
 from kernel.access import Audit, Grants, Pending
 from kernel.memory import MemoryManager
 from kernel import toolcalls
-from kernel.tools import BUILTIN_TOOLS, TOOL_GROUP, ToolManager
+from kernel.tools import BUILTIN_POOLS, BUILTIN_TOOLS, TOOL_GROUP, ToolManager, mcp_profile
 from kernel.storage import MB, Storage
 from kernel.worker import PREP_STACK_BYTES, Worker
 from kernel.proc import Proc, ProcTable, State
@@ -80,8 +80,8 @@ class Kernel:
         self.grants: Grants | None = None
         self.audit: Audit | None = None
         self.pending = Pending(config.access.confirm_timeout_s)
-        self.tools = ToolManager(dict(BUILTIN_TOOLS), self._spawn_tool_worker,
-                                 lambda proc, why: self.kill(proc, why))
+        self.tools = ToolManager(BUILTIN_TOOLS, BUILTIN_POOLS, self._spawn_tool_worker,
+                                 lambda proc, why: self.kill(proc, why), servers=config.mcp.values())
         self._offloaded: set[Call] = set()  # calls whose job a worker has queued or is running
         self.tool_chats: dict[Call, dict] = {}  # llm.chat calls with tools -> the tools offered (toolcalls.shape)
         self.router: Router | None = None
@@ -249,8 +249,9 @@ class Kernel:
             pass
 
     # --- processes -----------------------------------------------------------------------------------
-    def spawn(self, args, owner) -> Proc:
-        """proc.spawn: start an agent under its group's limits (overridden by ``args.limits``)."""
+    def spawn(self, args, owner, profile: dict | None = None) -> Proc:
+        """proc.spawn: start an agent under its group's limits (overridden by ``args.limits``).  ``profile``:
+        the kernel's own workers' extra sandbox settings (``Host.prepare`` keywords), never an agent's."""
         group = self.config.groups.get(args.group)
         if group is None:
             raise ENOENT(f"no privilege group {args.group!r}; configured: {sorted(self.config.groups)}")
@@ -261,7 +262,8 @@ class Kernel:
             proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
                                     owner.describe(), limits,
                                     lambda scratch: self.host.prepare(next_id, scratch, limits,
-                                                                      allow_fork=group.allow_fork))
+                                                                      **{"allow_fork": group.allow_fork,
+                                                                         **(profile or {})}))
         except BaseException as exc:
             if self.procs.next_id != next_id:  # it got as far as its scratch dir: undo that
                 mount = self.host.release(next_id)
@@ -357,7 +359,9 @@ class Kernel:
             self._cancel_llm(proc)
             self._cancel_offloaded(proc)
             self.tools.cancel_caller(proc.id)
-            self.tools.ended(proc, f"{proc.state.value} {proc.reason or f'status {proc.exit_status}'}")
+            lines = proc.output.text()[-2000:].strip().splitlines()
+            self.tools.ended(proc, f"{proc.state.value} {proc.reason or f'status {proc.exit_status}'}",
+                             lines[-1] if lines else "")
             self.router.forget(proc)
             self._end_follows(proc)
             log.info("agent %d (%s) ended: %s %s", proc.id, proc.name, proc.state.value,
@@ -461,14 +465,21 @@ class Kernel:
             call.fail("EIO", "internal kernel error; see the kernel log")
 
     # --- tools (kernel/tools.py) ----------------------------------------------------------------------
-    def _spawn_tool_worker(self, tool) -> Proc:
-        """A worker process for ``tool``: an agent of the internal group ``tool`` running agentproc/toolworker.py,
-        under the tool's memory and CPU limits."""
-        source = f"from agentproc.toolworker import serve\nserve({tool.name!r}, once={tool.once!r})\n"
-        args = msgspec.convert({"source": source, "name": f"tool-{tool.name}", "group": TOOL_GROUP,
-                                "limits": {"memory_mb": tool.memory_mb, "cpu_seconds": tool.cpu_seconds}},
-                               Spawn)
-        return self.spawn(args, owner=_KERNEL)
+    def _spawn_tool_worker(self, pool, discover: bool = False) -> Proc:
+        """A worker process for ``pool``: an agent of the internal group ``tool`` under the pool's memory and CPU
+        limits, running agentproc/toolworker.py (a built-in tool) or agentproc/mcpworker.py (an MCP server's
+        bridge: it starts the server as its child, in the same sandbox, and is its MCP client; ``discover``:
+        list the server's tools with ``tool.register`` and exit)."""
+        limits = {"memory_mb": pool.memory_mb, "cpu_seconds": pool.cpu_seconds}
+        if pool.server is None:
+            source = f"from agentproc.toolworker import serve\nserve({pool.name!r}, once={pool.once!r})\n"
+            name, profile = f"tool-{pool.name}", None
+        else:
+            spec, profile = mcp_profile(pool.server, pool.profile)
+            source = f"from agentproc.mcpworker import serve\nserve({spec!r}, discover={discover!r})\n"
+            name = f"mcp-{pool.name}"
+        args = msgspec.convert({"source": source, "name": name, "group": TOOL_GROUP, "limits": limits}, Spawn)
+        return self.spawn(args, owner=_KERNEL, profile=profile)
 
     # --- confirmations (kernel/access.py) ----------------------------------------------------------
     def confirm(self, call: Call, what: str, why: str, run) -> None:

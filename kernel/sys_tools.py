@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kernel.router import DEFERRED, Call
+from kernel.tools import permits
 from syscalls import schemas as S
-from syscalls.errors import EPERM
+from syscalls.errors import EPERM, SyscallError
 
 if TYPE_CHECKING:
     from kernel.kernel import Kernel
@@ -19,18 +20,49 @@ def allowed(k: "Kernel", call: Call) -> frozenset | None:
 
 
 def tool_list(k: "Kernel", call: Call, args: S.NoArgs):
+    """The caller's group's tools; right after boot, once the MCP servers have listed theirs (or failed)."""
     mine = allowed(k, call)
-    return {"tools": [t for t in k.tools.list() if mine is None or t["name"] in mine]}
+    if k.tools.starting():
+        k.tools.when_listed(lambda: call.done or call.reply(k.tools.list(mine)))
+        return DEFERRED
+    return k.tools.list(mine)
 
 
 def tool_call(k: "Kernel", call: Call, args: S.ToolCall):
     mine = allowed(k, call)
-    if mine is not None and args.name not in mine:
-        k.audit.append(call.caller.describe(), f"tool.call {args.name}", "denied", reason="not in the group's tools")
+    who, what = call.caller.describe(), f"tool.call {args.name}"
+    if not permits(mine, args.name):
+        k.audit.append(who, what, "denied", reason="not in the group's tools")
         raise EPERM(f"group {call.caller.group!r} may not call tool {args.name!r} ([groups.{call.caller.group}] "
                     f"tools: {', '.join(sorted(mine)) or 'none'})")
-    k.tools.call(call, args.name, dict(args.args))
-    k.audit.append(call.caller.describe(), f"tool.call {args.name}", "queued")
+    tool_args = dict(args.args)
+    if k.tools.server_starting(args.name):  # right after boot: once its server has listed its tools
+        k.tools.when_listed(lambda: call.done or _later(call, lambda: _queue(k, call, args, tool_args)))
+        return DEFERRED
+    return _queue(k, call, args, tool_args)
+
+
+def _later(call: Call, step) -> None:
+    """Run a deferred step of ``call``; an ABI error it raises is the call's answer."""
+    try:
+        step()
+    except SyscallError as exc:
+        call.fail(exc.code, exc.message)
+
+
+def _queue(k: "Kernel", call: Call, args: S.ToolCall, tool_args: dict):
+    who, what = call.caller.describe(), f"tool.call {args.name}"
+    tool = k.tools.check(args.name, tool_args)  # before an operator is asked, and before it is queued
+
+    def run():
+        k.tools.call(call, args.name, tool_args)
+        k.audit.append(who, what, "queued")
+
+    if tool.confirm:
+        k.confirm(call, what, f"MCP server {tool.pool!r} does not say this tool is read-only or harmless "
+                              f"(hints {tool.hints or 'none'})", run)
+    else:
+        run()
     return DEFERRED
 
 
@@ -48,3 +80,7 @@ def tool_next(k: "Kernel", call: Call, args: S.NoArgs):
 def tool_done(k: "Kernel", call: Call, args: S.ToolDone):
     k.tools.done(_worker(call), args.job, args.result, args.error)
     return {"ok": True}
+
+
+def tool_register(k: "Kernel", call: Call, args: S.ToolRegister):
+    return k.tools.register(_worker(call), list(args.tools), args.final)

@@ -17,6 +17,7 @@ import json
 
 import jsonschema
 
+from kernel.tools import permits
 from syscalls.errors import EINVAL, ENOENT, EPERM
 
 MAX_GRAMMAR_LENGTH = 64  # string length bounds up to this stay in the grammar; larger ones are checked after
@@ -96,7 +97,7 @@ def _spec(available: dict, allowed, tool, i: int) -> dict:
     if isinstance(tool, str):
         if tool not in available:
             raise ENOENT(f"tools[{i}]: no tool {tool!r} (tool.list shows them)")
-        if allowed is not None and tool not in allowed:
+        if not permits(allowed, tool):
             raise EPERM(f"tools[{i}]: your group may not call tool {tool!r}")
         t = available[tool]
         return {"name": t.name, "description": t.description, "parameters": t.parameters}

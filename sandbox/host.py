@@ -147,11 +147,18 @@ class Host:
 
     # --- agent life cycle ----------------------------------------------------------------------------
     def prepare(self, agent_id: int, scratch: Path, limits: dict, *, allow_fork: bool = False,
-                allow_connect: bool | None = None) -> policy_mod.Policy:
+                allow_connect: bool | None = None, allow_exec: bool = False, network: bool = False,
+                read_only: bool = False, read_extra: tuple[str, ...] = (),
+                list_extra: tuple[str, ...] = ()) -> policy_mod.Policy:
         """The agent's policy; creates its cgroups and allocates its uid (released by ``release``).
-        ``allow_connect`` (new connections after boot; see sandbox.seccomp) defaults to ``allow_fork``."""
+        ``allow_connect`` (new connections after boot; see sandbox.seccomp) defaults to ``allow_fork``.
+        ``allow_exec``, ``network``, ``read_only`` (not even the scratch dir is writable), ``read_extra``
+        (more paths to read and run) and ``list_extra`` (directories to list) are the kernel's own, for the MCP servers an operator configures; agents
+        never get them."""
         try:
-            return self._prepare(agent_id, scratch, limits, allow_fork, allow_connect)
+            return self._prepare(agent_id, scratch, limits, allow_fork, allow_connect,
+                                 dict(allow_exec=allow_exec, network=network, read_only=read_only,
+                                      read_extra=tuple(read_extra), list_extra=tuple(list_extra)))
         except BaseException:
             mount = self.release(agent_id)
             if mount:
@@ -159,7 +166,7 @@ class Host:
             raise
 
     def _prepare(self, agent_id: int, scratch: Path, limits: dict, allow_fork: bool,
-                 allow_connect: bool | None) -> policy_mod.Policy:
+                 allow_connect: bool | None, extra: dict) -> policy_mod.Policy:
         agent = self._agents[agent_id] = _Agent(dict(limits))
         off: dict[str, str] = {}
         procs_files: list[str] = []
@@ -199,8 +206,11 @@ class Host:
         pol = policy_mod.build(str(scratch), limits, uid=agent.uid, gid=gid,
                                cgroup_procs=procs_files, allow_fork=allow_fork,
                                allow_connect=allow_connect,
-                               read=self.read, listed=self.listed,
-                               unix_sockets=[str(self.runtime_dir / SOCKET_NAME)], off=off)
+                               read=[*self.read, *extra["read_extra"]],
+                               listed=[*self.listed, *extra["list_extra"]],
+                               unix_sockets=[str(self.runtime_dir / SOCKET_NAME)], off=off,
+                               allow_exec=extra["allow_exec"], network=extra["network"],
+                               read_only=extra["read_only"])
         self.check_paths(pol.landlock_read + pol.landlock_list, pol.landlock_write)
         return pol
 

@@ -49,6 +49,8 @@ _FIELDS = {  # name -> default (a type is called for a fresh empty value)
     "seccomp": True,
     "allow_fork": False,    # seccomp: may the agent create processes?
     "allow_connect": None,  # seccomp: new connections? (None: allow_fork)
+    "allow_exec": False,    # seccomp: may it run programs? (MCP servers only, kernel/tools.py)
+    "network": False,       # no network namespace, any socket family (MCP servers an operator allows)
     "off": dict,            # layer -> why the kernel could not prepare it
 }
 
@@ -125,7 +127,8 @@ def apply(policy: Policy, connect: Callable[[], None]) -> Report:
     _layer(report, "uid", lambda: identity.switch(policy.uid, policy.gid), off)
     _layer(report, "prctl", no_privileges, off)
     _layer(report, "seccomp",
-           lambda: seccomp.install(policy.allow_fork, policy.allow_connect) if policy.seccomp
+           lambda: seccomp.install(policy.allow_fork, policy.allow_connect, allow_exec=policy.allow_exec,
+                                   network=policy.network) if policy.seccomp
            else _off("not requested"),
            off)
     return report
@@ -215,11 +218,23 @@ def _stdlib_entries(stdlib: str) -> list[str]:
 
 def _sdk_site_entries() -> list[str]:
     """Top-level site-packages entries of the SDK's distributions (package dirs, bundled ``*.libs``)."""
-    import importlib.metadata as md
     import importlib.util
 
+    entries = site_entries(SDK_DISTRIBUTIONS)
+    for mod in SDK_MODULES:  # no metadata (e.g. a source install): the packages themselves
+        spec = importlib.util.find_spec(mod)
+        if spec and spec.origin:
+            origin = os.path.realpath(spec.origin)
+            entries.append(os.path.dirname(origin) if spec.submodule_search_locations else origin)
+    return sorted(set(entries))
+
+
+def site_entries(dists) -> list[str]:
+    """Top-level site-packages entries (package dirs, modules, bundled ``*.libs``) of installed distributions."""
+    import importlib.metadata as md
+
     entries: list[str] = []
-    for dist in SDK_DISTRIBUTIONS:
+    for dist in dists:
         try:
             files = md.files(dist) or []
         except md.PackageNotFoundError:
@@ -232,12 +247,34 @@ def _sdk_site_entries() -> list[str]:
             for _ in range(len(f.parts) - 1):
                 top = os.path.dirname(top)
             entries.append(top)
-    for mod in SDK_MODULES:  # no metadata (e.g. a source install): the packages themselves
-        spec = importlib.util.find_spec(mod)
-        if spec and spec.origin:
-            origin = os.path.realpath(spec.origin)
-            entries.append(os.path.dirname(origin) if spec.submodule_search_locations else origin)
     return sorted(set(entries))
+
+
+@functools.lru_cache(maxsize=None)
+def requirement_closure(dist: str) -> tuple[str, ...]:
+    """``dist`` and every installed distribution it needs, transitively, with the extras each requirement asks
+    for (``pyjwt[crypto]`` brings ``cryptography``); platform markers are ignored (a superset, never less)."""
+    import importlib.metadata as md
+    import re
+
+    seen: dict[str, set] = {}
+    todo = [(dist, frozenset())]
+    while todo:
+        raw, extras = todo.pop()
+        name = re.sub(r"[-_.]+", "-", raw).lower()
+        if name in seen and extras <= seen[name]:
+            continue
+        try:
+            requires = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        seen.setdefault(name, set()).update(extras)
+        for req in requires:
+            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?", req)
+            wants = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+            if m and (wants is None or wants.group(1) in seen[name]):
+                todo.append((m.group(1), frozenset(e.strip() for e in (m.group(2) or "").split(",") if e.strip())))
+    return tuple(seen)
 
 
 MB = 1 << 20
@@ -247,11 +284,13 @@ AS_HEADROOM_MB = 512  # address space beyond the RSS budget: thread stacks, aren
 def build(scratch: str, limits: dict, *, uid: int | None = None, gid: int | None = None,
           cgroup_procs: list[str] | None = None, allow_fork: bool = False, allow_connect: bool | None = None,
           read: list[str] | None = None, listed: list[str] | None = None,
-          unix_sockets: list[str] | None = None, off: dict[str, str] | None = None) -> Policy:
+          unix_sockets: list[str] | None = None, off: dict[str, str] | None = None,
+          allow_exec: bool = False, network: bool = False, read_only: bool = False) -> Policy:
     """The policy for one agent from its effective limits (names as in the ABI's ``limits``; None = none).
 
     Hard OS limits go underneath the kernel's psutil accounting: polling alone cannot stop an allocator.
-    ``read``/``listed`` default to ``default_read_paths()``; the agent may write its scratch dir only.
+    ``read``/``listed`` default to ``default_read_paths()``; the agent may write its scratch dir only (and not
+    even that when ``read_only``).
     """
     rl: dict[str, int] = {"CORE": 0}
     if limits.get("memory_mb"):
@@ -269,6 +308,7 @@ def build(scratch: str, limits: dict, *, uid: int | None = None, gid: int | None
         read = list(default_read) if read is None else read
         listed = list(default_listed) if listed is None else listed
     return Policy(scratch=scratch, rlimits=rl, uid=uid, gid=gid, cgroup_procs=list(cgroup_procs or []),
-                  landlock_read=list(read), landlock_list=list(listed),
-                  landlock_write=[scratch, *SYSTEM_WRITE], unix_sockets=list(unix_sockets or []),
-                  allow_fork=allow_fork, allow_connect=allow_connect, off=dict(off or {}))
+                  landlock_read=list(read) + ([scratch] if read_only else []), landlock_list=list(listed),
+                  landlock_write=[*([] if read_only else [scratch]), *SYSTEM_WRITE], unix_sockets=list(unix_sockets or []),
+                  allow_fork=allow_fork, allow_connect=True if network else allow_connect,
+                  allow_exec=allow_exec, network=network, netns=not network, off=dict(off or {}))

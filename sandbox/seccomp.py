@@ -101,6 +101,7 @@ DENIED = {
     "name_to_handle_at": 303, "open_by_handle_at": 304,
 }
 NO_FORK = {"fork": 57, "vfork": 58}
+EXEC = ("execve", "execveat")
 
 
 class _Prog:
@@ -132,9 +133,12 @@ class _Prog:
         return off
 
 
-def build(allow_fork: bool, pid: int, allow_connect: bool | None = None) -> bytes:
+def build(allow_fork: bool, pid: int, allow_connect: bool | None = None, *, allow_exec: bool = False,
+          network: bool = False) -> bytes:
     """The filter program for this process (``pid``: the only target of signals when not ``allow_fork``).
-    ``allow_connect`` defaults to ``allow_fork``."""
+    ``allow_connect`` defaults to ``allow_fork``.  ``allow_exec`` leaves ``execve`` alone (Landlock still
+    decides what may run); ``network`` lets ``socket()`` make any family (with ``allow_connect``).  Both are
+    for the MCP servers an operator configures (kernel/tools.py), never for agents."""
     if allow_connect is None:
         allow_connect = allow_fork
     p = _Prog()
@@ -143,11 +147,13 @@ def build(allow_fork: bool, pid: int, allow_connect: bool | None = None) -> byte
     p.op(RET, RET_KILL_PROCESS)
     p.op(LD_W_ABS, OFF_NR)
     p.op(JGE, X32_SYSCALL_BIT, "enosys", 0)
-    special = {NR["socket"]: "family", NR["socketpair"]: "family", NR["clone"]: "clone",
+    special = {NR["clone"]: "clone",
                NR["clone3"]: "enosys", NR["personality"]: "personality", NR["ioctl"]: "ioctl",
                NR["setpriority"]: "setpriority", NR["ioprio_set"]: "ioprio_set",
                NR["sched_setscheduler"]: "sched_setscheduler"}
     special.update({NR[n]: "self" for n in ("prlimit64", "sched_setaffinity", "sched_setattr")})
+    if not network:
+        special.update({NR["socket"]: "family", NR["socketpair"]: "family"})
     if not allow_fork:
         special.update({NR[n]: "signal" for n in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")})
         special.update({NR["tkill"]: "eperm", NR["pidfd_send_signal"]: "eperm"})
@@ -157,6 +163,9 @@ def build(allow_fork: bool, pid: int, allow_connect: bool | None = None) -> byte
     for nr, target in special.items():
         p.op(JEQ, nr, target, 0)
     denied = dict(DENIED, **({} if allow_fork else NO_FORK))
+    if allow_exec:
+        for name in EXEC:
+            denied.pop(name)
     for nr in sorted(set(denied.values())):
         p.op(JEQ, nr, "eperm", 0)
     p.op(RET, RET_ALLOW)
@@ -239,14 +248,15 @@ def supported() -> str | None:
     return None
 
 
-def install(allow_fork: bool = False, allow_connect: bool | None = None) -> str:
+def install(allow_fork: bool = False, allow_connect: bool | None = None, *, allow_exec: bool = False,
+            network: bool = False) -> str:
     """Install the filter on every thread of this process (needs no_new_privs or CAP_SYS_ADMIN)."""
     why = supported()
     if why:
         raise LayerUnavailable(why)
     if allow_connect is None:
         allow_connect = allow_fork
-    code = build(allow_fork, os.getpid(), allow_connect)
+    code = build(allow_fork, os.getpid(), allow_connect, allow_exec=allow_exec, network=network)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
     ret = linux.syscall(linux.NR_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC,
@@ -254,4 +264,5 @@ def install(allow_fork: bool = False, allow_connect: bool | None = None) -> str:
     if ret != 0:  # TSYNC failed: ret is the thread that could not be synchronised
         raise OSError(errno.ESRCH, f"seccomp TSYNC failed on thread {ret}")
     return (f"{len(code) // 8} BPF instructions, {'fork' if allow_fork else 'no fork'}, "
-            f"{'connect' if allow_connect else 'no connect'}, TSYNC")
+            f"{'connect' if allow_connect else 'no connect'}{', exec' if allow_exec else ''}"
+            f"{', network' if network else ''}, TSYNC")

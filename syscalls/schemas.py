@@ -199,8 +199,13 @@ class AccessDecide(Args, kw_only=True):
 # Tools (docs/abi.md, "Tools").  Arguments are validated against each tool's own JSON Schema by the kernel
 # (kernel/tools.py), which names the offending field.
 class ToolCall(Args, kw_only=True):
-    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    name: Annotated[str, Meta(min_length=1, max_length=100)]
     args: dict[str, Any] = {}
+
+
+class ToolRegister(Args, kw_only=True):
+    tools: Annotated[list[dict[str, Any]], Meta(max_length=4096)]
+    final: bool = True
 
 
 class ToolDone(Args, kw_only=True):

@@ -64,6 +64,7 @@ TABLE: dict[str, Syscall] = {
         Syscall("tool.call", "kernel.sys_tools:tool_call", S.ToolCall, TOOLS),
         Syscall("tool.next", "kernel.sys_tools:tool_next", S.NoArgs, TOOLWORK),
         Syscall("tool.done", "kernel.sys_tools:tool_done", S.ToolDone, TOOLWORK),
+        Syscall("tool.register", "kernel.sys_tools:tool_register", S.ToolRegister, TOOLWORK),
         Syscall("access.grant", "kernel.sys_access:access_grant", S.AccessGrant, STORAGE),
         Syscall("access.revoke", "kernel.sys_access:access_revoke", S.AccessRevoke, STORAGE),
         Syscall("access.list", "kernel.sys_access:access_list", S.AccessList, STORAGE),

@@ -52,9 +52,9 @@ def test_builtin_tools_from_an_agent(kernel):
 def test_one_caller_holds_at_most_a_quarter_of_a_tools_queue():
     """Unit test of the manager's queue (no workers start: spawn fails, so calls stay queued)."""
     from agentproc.errors import EAGAIN
-    from kernel.tools import Tool, ToolManager
+    from kernel.tools import Pool, Tool, ToolManager
 
-    def no_spawn(tool):
+    def no_spawn(pool, discover=False):
         raise OSError("no workers in this test")
 
     class Caller:
@@ -67,8 +67,8 @@ def test_one_caller_holds_at_most_a_quarter_of_a_tools_queue():
         def __init__(self, proc):
             self.caller = Caller(proc)
 
-    tool = Tool("t", "test", {"type": "object"}, instances=1, queue=8)
-    tm = ToolManager({"t": tool}, no_spawn, lambda proc, why: None)
+    tool = Tool("t", "test", {"type": "object"}, pool="t")
+    tm = ToolManager({"t": tool}, {"t": Pool("t", instances=1, queue=8)}, no_spawn, lambda proc, why: None)
     hog, other = object(), object()
     for _ in range(2):
         tm.call(FakeCall(hog), "t", {})
@@ -77,3 +77,15 @@ def test_one_caller_holds_at_most_a_quarter_of_a_tools_queue():
     for _ in range(2):
         tm.call(FakeCall(other), "t", {})
     assert tm.stats()["t"]["queued"] == 4
+
+
+def test_results_are_checked_against_a_declared_output_schema():
+    """The kernel checks an MCP tool's structured content itself: the bridge shares the server's sandbox, so
+    what it hands back is the server's word (the ``mcp`` client's own check is not enough)."""
+    from kernel.tools import Tool, _output_error
+
+    tool = Tool("s.t", "", {"type": "object"}, pool="s", remote="t",
+                output={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    assert _output_error(tool, {"content": [], "structured": {"n": 3}}) is None
+    assert "result['n']: 'x' is not of type 'integer'" in _output_error(tool, {"structured": {"n": "x"}})
+    assert "no structured content" in _output_error(tool, {"content": [], "structured": None})

@@ -12,8 +12,8 @@ import msgpack
 import pytest
 
 from agentproc import storage, tools
-from agentproc.errors import EPERM, ETIMEDOUT, ETOOL
-from tests.escape.conftest import attack, denied
+from agentproc.errors import EINVAL, EPERM, ETIMEDOUT, ETOOL
+from tests.escape.conftest import attack, denied, neighbour_of
 from tests.helpers import agent_result
 
 pytestmark = pytest.mark.timeout(240)
@@ -175,3 +175,101 @@ def test_the_storage_tool_acts_with_its_callers_rights_only(kernel, neighbour):
     assert denied(results, "bad_args", "EINVAL"), out
     assert storage.get("secret.txt", namespace="deputy-victim", client=kernel.client).text == "the victim's"
     neighbour.assert_unharmed()
+
+
+# ---- MCP servers (tests/mcp/): sandboxed like tool workers, checked like built-ins, hostile ones survived ----
+
+MCP_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "mcp"
+
+
+@pytest.fixture(scope="module")
+def mcp_kernel(tmp_path_factory, model_path):
+    from tests.conftest import TEST_CONFIG, KernelProc
+
+    k = KernelProc(tmp_path_factory.mktemp("mcp-escape"), TEST_CONFIG + f"""
+[mcp.demo]
+command = ["python", "{MCP_DIR / 'demo_server.py'}"]
+timeout_s = 5
+
+[mcp.evil]
+command = ["python", "{MCP_DIR / 'evil_server.py'}"]
+confirm = "never"
+timeout_s = 5
+
+[groups.calc]
+privileges = ["basic", "tools"]
+tools = ["calculator", "demo.add"]
+""")
+    yield k
+    k.stop()
+
+
+def test_an_mcp_server_runs_in_the_sandbox(mcp_kernel):
+    """The server reads its program and packages, nothing of the kernel's or another agent's, and has no
+    network: it is a sandboxed process like a tool worker, not the kernel."""
+    from tests.conftest import STATE_DIR
+
+    with neighbour_of(mcp_kernel) as near:
+        model = next(STATE_DIR.glob("models/*.gguf"))
+        paths = [str(model), str(mcp_kernel.config_path), str(near.secret), "/etc/shadow",
+                 str(MCP_DIR / "demo_server.py")]
+        answer = tools.call("demo.probe", {"paths": paths}, client=mcp_kernel.client)
+        got = answer["structured"] or __import__("json").loads(answer["content"][0]["text"])
+        assert got[str(MCP_DIR / "demo_server.py")].startswith("read"), got
+        for p in paths[:4]:
+            assert got[p].startswith("denied"), (p, got)
+        assert got["tcp"].startswith("denied"), got
+        server_pid = got["pid"]
+        workers = [p for p in mcp_kernel.client.call("proc.list")["procs"] if p["name"] == "mcp-demo"
+                   and p["state"] == "RUNNING"]
+        assert workers and all(w["layers"]["seccomp"].startswith("on") for w in workers), workers
+        assert all("exec" in w["layers"]["seccomp"] and "network" not in w["layers"]["seccomp"] for w in workers)
+        import psutil
+        assert psutil.Process(server_pid).ppid() in {w["pid"] for w in workers}  # the bridge's child
+        near.assert_unharmed()
+
+
+def test_a_hostile_mcp_server_is_survived(mcp_kernel):
+    """Bad names, non-schemas, huge and self-referencing schemas are left out or contained; a backtracking
+    pattern is left to the server (the kernel's event loop never runs it); a result that breaks its output
+    schema is ETOOL; a flood fails its call; the kernel serves everyone throughout."""
+    c = mcp_kernel.client
+    listing = c.call("tool.list")
+    names = {t["name"] for t in listing["tools"] if t["name"].startswith("evil.")}
+    assert names == {"evil.ok", "evil.redos", "evil.liar", "evil.flood"}, names  # the others left out
+    assert tools.call("evil.ok", s="hi", client=c)["content"][0]["text"] == "{'s': 'hi'}"
+    with pytest.raises(EINVAL):
+        tools.call("evil.ok", s=5, client=c)
+    t0 = time.monotonic()
+    for _ in range(3):  # 40 a's then a b: catastrophic for ^(a+)+$ -- if the kernel ran it
+        try:
+            tools.call("evil.redos", s="a" * 40 + "b", client=c)
+        except (ETOOL, ETIMEDOUT):
+            pass
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(ETOOL, match="structured content|output schema"):  # the client's check, then the kernel's
+        tools.call("evil.liar", client=c)
+    with pytest.raises((ETOOL, ETIMEDOUT)):
+        tools.call("evil.flood", client=c)
+    assert c.call("sys.ping") == {"pong": True}
+    assert tools.call("demo.add", a=1, b=2, client=c)["structured"] == {"result": 3}
+
+
+MCP_DEPUTY = """
+from agentproc import tools
+from agentproc.client import default
+attempt("list", lambda: sorted(t["name"] for t in tools.list()))
+attempt("add", lambda: tools.call("demo.add", a=2, b=2)["structured"]["result"])
+attempt("probe", lambda: tools.call("demo.probe", paths=[]))
+attempt("evil", lambda: tools.call("evil.ok"))
+attempt("register", lambda: default().call("tool.register", {"tools": [{"name": "x", "input_schema": {}}]}))
+attempt("next", lambda: default().call("tool.next"))
+"""
+
+
+def test_agents_reach_mcp_tools_only_as_their_group_allows(mcp_kernel):
+    rec, results, out = attack(mcp_kernel, MCP_DEPUTY, group="calc", name="mcp-calc")
+    assert results["list"] == "OK ['calculator', 'demo.add']", out
+    assert results["add"] == "OK 4", out
+    for name in ("probe", "evil", "register", "next"):
+        assert denied(results, name, "EPERM"), (name, out)
