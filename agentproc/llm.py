@@ -60,3 +60,22 @@ def chat(messages: list[dict], *, stream: bool = False, client: Client | None = 
     ``tools=["calculator", ...]`` (and ``tool_choice``) makes the model answer with a tool call whose arguments
     match the tool's schema: ``.tool_calls`` (docs/abi.md, llm.chat)."""
     return _call("llm.chat", {"messages": messages, **params}, stream, client)
+
+
+def chat_all(requests: list[dict], *, client: Client | None = None) -> list:
+    """Send several ``llm.chat`` requests at once -- each a map of ``messages`` and parameters -- so the kernel
+    decodes them together in its batch, and return their answers in order: a ``Completion``, or the ABI error
+    (an ``agentproc.errors`` exception, returned rather than raised) for a request that failed.  An agent has at
+    most ``[kernel] max_pending`` requests in flight (EAGAIN past it)."""
+    from agentproc.client import result_of
+    from agentproc.errors import SyscallError
+
+    client = client or default()
+    rids = [client.send("llm.chat", dict(r)) for r in requests]
+    answers = []
+    for rid in rids:
+        try:
+            answers.append(Completion(**result_of(client.next_message(rid))))
+        except SyscallError as exc:
+            answers.append(exc)
+    return answers

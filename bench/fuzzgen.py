@@ -29,7 +29,7 @@ SYSCALLS = ("sys.ping", "sys.shutdown", "sys.status", "proc.self", "proc.ready",
             "storage.stat", "storage.list", "storage.delete", "storage.versions", "storage.rollback", "memory.add",
             "memory.get", "memory.list", "memory.delete", "memory.search", "memory.stats", "access.grant",
             "access.revoke", "access.list", "access.pending", "access.decide", "tool.list", "tool.call", "tool.next",
-            "tool.done")
+            "tool.done", "tool.register")
 KEYS = ("a", "notes/today.md", "../x", "/etc/passwd", "a/../../b", "a//b", "a/", ".", "..", ".aiosd/m", "a\x00b",
         "a\\b", "", "x" * 1025, "/".join(["d"] * 40), "\u202e", "ü/名前")
 LLM_CALLS = ("llm.generate", "llm.chat")
@@ -252,6 +252,9 @@ class Frames:
                         {"utc_offset_minutes": self.r.choice((0, 60, 100000, "x"))})), 0.8)}
         if name == "tool.done":
             return {"job": lambda: self.r.choice((1, 2, 0, -1)), "result": self.value, "error": self.text}
+        if name == "tool.register":  # a worker's call: agents get EPERM, whatever the tools
+            return {"tools": lambda: [{"name": self.text(), "input_schema": self.value()}],
+                    "final": lambda: self.either(lambda: self.r.random() < 0.5, 0.9)}
         if name.startswith("access."):
             return {"to": lambda: self.r.choice(("other", "group:default", "group:", "", self.text())),
                     "mode": lambda: self.r.choice(("read", "read-write", "write", 1)),
