@@ -9,46 +9,57 @@ the grammar guarantees every step is a well-formed call or answer.  Run it with 
 """
 import collections
 import json
+import re
 import sys
 
 from agentproc import llm, tools
 from agentproc.errors import SyscallError
 
 MAX_STEPS = 4
-CANDIDATES = 5  # answers proposed at each step, one greedy and the rest sampled: the agent acts on a vote
-# The tools as the model sees them: the real ones' schemas with short bounds, so that the grammar ends every
-# argument within a line (a small model left free writes code until max_tokens).  The calls go to the real
-# tools, whose own schemas allow more.
+CANDIDATES = 8  # answers proposed at each step, one greedy and the rest sampled: the agent acts on a vote
+# The tools as the model sees them: the real ones' schemas narrowed by patterns, so that the grammar ends every
+# argument within a line (a small model left free writes code until max_tokens) and keeps JSON's braces and
+# quotes out of code (a small model closes the JSON object inside the string).  The calls go to the real tools,
+# whose own schemas allow more.
 TOOLS = [
     {"name": "calculator", "description": "Evaluate an arithmetic expression.",
-     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "maxLength": 48}},
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string",
+                                                                     "pattern": "^[0-9a-z+*/(). ,-]{1,48}$"}},
                     "required": ["expression"], "additionalProperties": False}},
     {"name": "python", "description": "Run one line of Python; returns the value of the expression.",
-     "parameters": {"type": "object", "properties": {"code": {"type": "string", "maxLength": 64}},
+     "parameters": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[^{}\"\\\\]{1,64}$"}},
                     "required": ["code"], "additionalProperties": False}},
 ]
 
-# Worked examples the model continues (none of them is one of the questions below).  Each step is one JSON
-# object: a tool call, or {"content": answer}; an example shows a failed call followed by a better one.
+# Worked examples (none of them is one of the questions below).  Each step is one JSON object: a tool call,
+# or {"content": answer}; one example shows a failed call followed by a better one.  A question gets the
+# SHOWN examples most like it, the closest last: a small base model copies the example it saw last.
 EXAMPLES = [
     ("What is 12 times 9?", [("calculator", {"expression": "12 * 9"}, "108")], "The answer is 108."),
     ("A car drives 40 miles per hour for 3 hours. How many miles does it drive?",
      [("calculator", {"expression": "40 * 3"}, "120")], "The answer is 120."),
+    ("A shop sells 25 apples a day. How many apples does it sell in 6 days?",
+     [("calculator", {"expression": "25 * 6"}, "150")], "The answer is 150."),
     ("How many letters are in the word 'banana'?", [("python", {"code": "len('banana')"}, "6")],
      "The answer is 6."),
-    ("What is the sum of the numbers from 1 to 10?",
-     [("python", {"code": "sum(1, 10)"}, "error: TypeError: 'int' object is not iterable"),
-      ("python", {"code": "sum(range(1, 11))"}, "55")], "The answer is 55."),
-    ("How many of the numbers 5, 10, 12, 13 are even?",
-     [("python", {"code": "len([n for n in [5, 10, 12, 13] if n % 2 == 0])"}, "2")], "The answer is 2."),
+    ("What is the sum of the numbers from 1 to 10?", [("python", {"code": "sum(range(1, 10 + 1))"}, "55")],
+     "The answer is 55."),
+    ("What is the average of 4, 8 and 12?",
+     [("python", {"code": "mean(4, 8, 12)"}, "error: NameError: name 'mean' is not defined"),
+      ("python", {"code": "sum([4, 8, 12]) / 3"}, "8.0")], "The answer is 8."),
+    ("How many of the numbers 5, 10, 12, 13, 20 are even?",
+     [("python", {"code": "len([n for n in [5, 10, 12, 13, 20] if n % 2 == 0])"}, "3")], "The answer is 3."),
+    ("What is the largest of 17, 4 and 23?", [("python", {"code": "max([17, 4, 23])"}, "23")],
+     "The answer is 23."),
 ]
+SHOWN = 3
 
 QUESTIONS = [
     "What is 17 times 23?",
     "A train travels 60 miles per hour for 7 hours. How many miles does it travel?",
-    "What is the sum of the numbers from 1 to 100?",
     "How many letters are in the word 'encyclopedia'?",
-    "How many of the numbers 3, 8, 15, 22, 40 are even?",
+    "How many of the numbers 3, 8, 15, 22 are even?",
+    "What is the largest of 31, 8, 76 and 45?",
 ]
 
 
@@ -56,10 +67,16 @@ def call_json(name: str, args: dict) -> str:
     return json.dumps({"name": name, "arguments": args})
 
 
-def opening() -> list[dict]:
-    """The worked examples as a conversation."""
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def opening(question: str) -> list[dict]:
+    """The ``SHOWN`` worked examples most like ``question`` (shared words), as a conversation, closest last."""
+    mine = words(question)
+    ranked = sorted(EXAMPLES, key=lambda ex: len(mine & words(ex[0])) / len(mine | words(ex[0])))
     messages = []
-    for question, steps, answer in EXAMPLES:
+    for question, steps, answer in ranked[-SHOWN:]:
         messages.append({"role": "user", "content": question})
         for tool, args, result in steps:
             messages += [{"role": "assistant", "content": call_json(tool, args)},
@@ -110,7 +127,7 @@ def act(replies: list) -> tuple[str, dict, str] | None:
 
 def solve(question: str) -> tuple[str, list[str]]:
     """(the answer, the transcript) of one question."""
-    messages = opening() + [{"role": "user", "content": question}]
+    messages = opening(question) + [{"role": "user", "content": question}]
     transcript = [f"Question: {question}"]
     for step in range(MAX_STEPS):
         must_act = step == 0 or transcript[-1].startswith("Observation: error")
