@@ -112,6 +112,8 @@ def cmd_run(c: Client, a) -> int:
     args = {"source": source, "filename": os.path.basename(a.file), "group": a.group, "argv": a.args}
     if a.name:
         args["name"] = a.name
+    if a.fleet:
+        args["fleet"] = a.fleet
     limits = {k: getattr(a, k) for k in LIMIT_FLAGS if getattr(a, k) is not None}
     if limits:
         args["limits"] = limits
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file")
     p.add_argument("--name")
     p.add_argument("--group", default="default")
+    p.add_argument("--fleet", help="launch it in this fleet: with [llm] share_prefix = \"fleet\", agents of one "
+                                   "fleet reuse each other's cached prompts (docs/engine.md)")
     p.add_argument("--wait", action="store_true", help="stream its output and exit with its status")
     for key, what in LIMIT_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, metavar="N",

@@ -74,7 +74,7 @@ class LLMSection:
     swap_ram_mb: int = 512   # evicted sequences' KV snapshots in RAM, then
     swap_disk_mb: int = 2048  # on disk in <runtime-dir>/swap (0: never spill)
     snapshots: bool = True   # false: evicted sequences are recomputed from their tokens
-    share_prefix: bool = False  # reuse cached KV across agents (a timing side channel; docs/engine.md)
+    share_prefix: str = "agent"  # whose cached KV a request may reuse: agent | fleet | group | all (docs/engine.md)
     default_model: str = ""  # a [models.NAME] that serves requests naming no model; empty: this one
 
 
@@ -145,6 +145,7 @@ class McpServer:
     confirm: str = "destructive"  # which calls wait for an operator: destructive | always | never
 
 
+SHARE_SCOPES = ("agent", "fleet", "group", "all")  # [llm] share_prefix, narrowest first
 MCP_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
@@ -250,6 +251,8 @@ def load(path: str | os.PathLike | None) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     for name, values in data.items():
         if name in ("kernel", "llm", "sandbox", "storage", "memory", "access") and isinstance(values, dict):
+            if name == "llm" and isinstance(values.get("share_prefix"), bool):  # the old switch: all or nothing
+                values = dict(values, share_prefix="all" if values["share_prefix"] else "agent")
             _fill(getattr(cfg, name), values, f"{path}: [{name}]")
         elif name == "groups" and isinstance(values, dict):
             for group, spec in values.items():
@@ -299,6 +302,9 @@ def load(path: str | os.PathLike | None) -> Config:
                                                                         llm.swap_disk_mb) < 0:
         raise ConfigError(f"{path}: [llm] needs max_active, rr_slice and prefill_chunk >= 1; kv_size, swap_ram_mb "
                           "and swap_disk_mb >= 0")
+    if cfg.llm.share_prefix not in SHARE_SCOPES:
+        raise ConfigError(f"{path}: [llm] share_prefix must be one of {', '.join(SHARE_SCOPES)} (whose cached KV a "
+                          f"request may reuse; docs/engine.md), got {cfg.llm.share_prefix!r}")
     if cfg.llm.default_model and cfg.llm.default_model not in cfg.models:
         raise ConfigError(f"{path}: [llm] default_model {cfg.llm.default_model!r} is not a [models.NAME] section")
     return cfg

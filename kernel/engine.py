@@ -455,6 +455,7 @@ class Engine:
         self._by_key: dict[object, Request] = {}  # pending requests submitted with a key
         self._cancels: list[Request] = []  # cancelled, not yet reported by the engine thread
         self._forget: list[object] = []  # owners whose cached sessions the engine thread must drop
+        self._scopes: dict = {}  # owner -> its prefix-sharing scope (owners of one scope reuse each other's KV)
         self._closed = False
         self._stats = {"active": 0, "steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "cached_tokens": 0,
                        "prefix_hits": 0, "resident": 0, "cached_sessions": 0}
@@ -558,19 +559,21 @@ class Engine:
                 size = n
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *, owner=None, tag=None,
-               stream: bool = False, priority: int = 0, key=None) -> Request:
+               stream: bool = False, priority: int = 0, key=None, scope=None) -> Request:
         """Queue a generation of ``prompt`` (text, tokenized here with BOS and special tokens; or token ids used
         as given) and return its handle at once; its events go to the sink.  A queued request waits, never
         dropped, until the policy runs it and a slot and KV cells are free.  ``prepare`` then ``enqueue``.
 
         ``owner`` (an agent id) is whom the fair policy accounts and whose cached prefixes the request may reuse;
+        ``scope`` (hashable, fixed for an owner's life) widens that reuse to every owner of the same scope (a
+        privilege group, a fleet: docs/engine.md, "Prefix sharing");
         ``priority`` weights the fair policy (the owner's group priority); ``key`` (hashable) lets
         ``cancel_key`` find the request.  Raises ``EINVAL`` (bad params, token ids or json_schema), ``E2BIG``
         (the prompt leaves no room for one token in the per-sequence context), ``ECANCELED`` (the engine is
         closed), ``EIO`` (not started).
         """
         return self.enqueue(self.prepare(prompt, params), owner=owner, tag=tag, stream=stream, priority=priority,
-                            key=key)
+                            key=key, scope=scope)
 
     def prepare(self, prompt: str | list[int] | None, params: SamplingParams, *,
                 messages: list[dict] | None = None) -> "Prepared":
@@ -607,7 +610,7 @@ class Engine:
         return Prepared(self, tokens, params, sampler, grammar, time.thread_time() - started)
 
     def enqueue(self, prep: "Prepared", *, max_tokens: int | None = None, owner=None, tag=None,
-                stream: bool = False, priority: int = 0, key=None) -> Request:
+                stream: bool = False, priority: int = 0, key=None, scope=None) -> Request:
         """Queue a request ``prepare`` made (by this engine), with at most ``max_tokens`` (default: its params')
         and return its handle; arguments as ``submit``.  The fair policy charges the owner for what preparing
         cost, in tokens of engine time.  ``prep`` is consumed even when this raises ``ECANCELED``."""
@@ -624,6 +627,8 @@ class Engine:
                 req = Request(next(_REQUEST_IDS), prep.tokens, prep.params, owner, tag, bool(stream), int(priority),
                               key, self.name)
                 req._sampler, req._grammar = sampler, grammar
+                if scope is not None and owner is not None:
+                    self._scopes[owner] = scope
                 self._pending[req.id] = req
                 if key is not None:
                     self._by_key[key] = req
@@ -859,6 +864,8 @@ class Engine:
                 self._retire(req._seq, keep=False)
             self._finish(req, "error", EngineError("ECANCELED", "the request was cancelled"))
         for owner in forget:
+            with self._lock:
+                self._scopes.pop(owner, None)
             for slot in self._slots:
                 if slot.cache is not None and slot.owner == owner:
                     self._clear_slot(slot)
@@ -947,19 +954,22 @@ class Engine:
         return True
 
     def _find_prefix(self, seq: _Seq) -> tuple[int, object]:
-        """The longest prefix of ``seq.tokens`` whose KV this engine holds for the same owner (any owner with
-        ``share_prefix``): ``(length, source)``, source an idle slot, a busy slot or an evicted session;
+        """The longest prefix of ``seq.tokens`` whose KV this engine holds for the same owner, or an owner of the
+        same scope (any owner with ``share_prefix``): ``(length, source)``, source an idle slot, a busy slot or an evicted session;
         ``(0, None)`` below ``MIN_REUSE`` tokens.  Never the whole of ``tokens``: the last one must be computed
         for its logits."""
         limit = len(seq.tokens) - 1
         owner = seq.req.owner
+        with self._lock:
+            scopes = dict(self._scopes)
+        scope = scopes.get(owner)
         best, src = MIN_REUSE - 1, None
         self._sessions = [s for s in self._sessions if not s.snapshot.dropped]
         candidates = [(s, s.owner) for s in self._slots if s.cache is not None]  # cheapest source first
         candidates += [(s, s.seq.req.owner) for s in self._slots if s.seq is not None and s.seq is not seq]
         candidates += [(s, s.owner) for s in self._sessions]
         for cand, cand_owner in candidates:
-            if cand_owner != owner and not self.share_prefix:
+            if cand_owner != owner and not self.share_prefix and (scope is None or scopes.get(cand_owner) != scope):
                 continue
             if isinstance(cand, _Session):
                 tokens, floor = cand.tokens, self._restored(cand.complete_from, len(cand.tokens))
@@ -1362,7 +1372,7 @@ class Engines:
                           max_active=min(pick("max_active"), pick("n_seq_max")), kv_size=pick("kv_size") or None,
                           rr_slice=llm.rr_slice, swap_ram_mb=llm.swap_ram_mb, swap_disk_mb=llm.swap_disk_mb,
                           swap_dir=os.path.join(swap_dir, name) if swap_dir else None, snapshots=llm.snapshots,
-                          share_prefix=llm.share_prefix, prefill_chunk=llm.prefill_chunk)
+                          share_prefix=llm.share_prefix == "all", prefill_chunk=llm.prefill_chunk)
 
         engines = {DEFAULT_MODEL: make(DEFAULT_MODEL, model_path)}
         for name, section in models.items():

@@ -272,6 +272,7 @@ class Kernel:
                 raise EAGAIN(f"cannot start the agent: {exc.strerror or exc} (in {self.runtime_dir}); "
                              "free space there and retry") from None
             raise
+        proc.fleet = args.fleet
         self.resources.disk.track(proc.id, proc.scratch, limits, self.host.scratch_mounted(proc.id))
         if limits["syscall_rate"]:
             proc.rate_bucket = RateBucket(limits["syscall_rate"])
@@ -464,6 +465,17 @@ class Kernel:
             log.error("a %s job failed inside the kernel", call.caller.describe(), exc_info=error)
             call.fail("EIO", "internal kernel error; see the kernel log")
 
+    def _share_scope(self, proc: Proc | None):
+        """Whose cached KV ``proc``'s requests may reuse beyond its own ([llm] share_prefix): its privilege group,
+        or the fleet it was launched in (``proc.spawn`` ``fleet``); None: its own only (or every agent's, for
+        "all", which the engine applies itself)."""
+        mode = self.config.llm.share_prefix
+        if proc is None or mode in ("agent", "all"):
+            return None
+        if mode == "group":
+            return ("group", proc.group)
+        return ("fleet", proc.fleet) if proc.fleet else None
+
     # --- tools (kernel/tools.py) ----------------------------------------------------------------------
     def _spawn_tool_worker(self, pool, discover: bool = False) -> Proc:
         """A worker process for ``pool``: an agent of the internal group ``tool`` under the pool's memory and CPU
@@ -602,7 +614,7 @@ class Kernel:
         try:
             max_tokens = check_tokens(proc, len(prep.tokens), prep.params.max_tokens) if proc else None
             self.engine.enqueue(prep, max_tokens=max_tokens, owner=proc.id if proc else None, tag=call,
-                                stream=stream, priority=priority, key=call.key)
+                                stream=stream, priority=priority, key=call.key, scope=self._share_scope(proc))
         except (EngineError, SyscallError) as exc:
             prep.free()
             self._end_llm_call(call)

@@ -170,6 +170,7 @@ class Proc:
     followers: int = 0                # proc.logs follow streams it holds open ([kernel] max_followers)
     offloaded: int = 0                # its storage/memory calls queued or running on a worker ([kernel] max_pending)
     limits: dict = field(default_factory=dict)
+    fleet: str | None = None  # the fleet it was launched in (proc.spawn ``fleet``): a prefix-sharing scope
     layers: dict | None = None        # sandbox layers as attested by the bootstrap (proc.ready)
     rate_bucket: object = None        # kernel.resources.RateBucket when syscall_rate is limited
     usage_sample: object = None       # the resource manager's latest kernel.resources.Usage
@@ -184,7 +185,7 @@ class Proc:
             "id": self.id, "name": self.name, "group": self.group, "pid": self.pid,
             "state": self.state.value, "started_at": self.started_at,
             "first_syscall_at": self.first_syscall_at, "ended_at": self.ended_at,
-            "exit_status": self.exit_status, "reason": self.reason, "limits": self.limits,
+            "exit_status": self.exit_status, "reason": self.reason, "limits": self.limits, "fleet": self.fleet,
             "layers": self.layers or {},
             "usage": {"syscalls": self.syscalls, "prompt_tokens": self.prompt_tokens,
                       "completion_tokens": self.completion_tokens,

@@ -49,6 +49,7 @@ class Spawn(Args):
     group: Annotated[str, Meta(min_length=1, max_length=64)] = "default"
     argv: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=256)] = []
     limits: Limits | None = None
+    fleet: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
 
 
 class Ready(Args):

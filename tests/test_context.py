@@ -147,6 +147,18 @@ def test_share_prefix_reuses_across_owners(make_engine):
     assert wait(sink.outcome(other)).done["usage"]["cached_tokens"] > 10
 
 
+def test_a_scope_shares_prefixes_among_its_owners_only(make_engine):
+    """Owners of one scope (a fleet, a group) reuse each other's KV; owners of another scope, or of none, never."""
+    eng, sink = make_engine(n_seq_max=4, max_active=2)
+    ask = lambda q, owner, scope: wait(sink.outcome(eng.submit(  # noqa: E731
+        SYSTEM + q, SamplingParams(max_tokens=4), owner=owner, scope=scope))).done["usage"]["cached_tokens"]
+    assert ask("Name a colour.", "alice", "fleet-a") == 0
+    assert ask("Name a fruit.", "bob", "fleet-a") > 10      # same fleet
+    assert ask("Name a tree.", "carol", "fleet-b") == 0      # another fleet
+    assert ask("Name a bird.", "dave", None) == 0            # no scope: its own KV only
+    assert ask("Name a fish.", "erin", "fleet-b") > 10       # carol's
+
+
 def test_an_evicted_session_is_restored_for_its_owners_next_turn(make_engine):
     # One slot: bob's request evicts alice's idle session to RAM; alice's next turn restores it.
     eng, sink = make_engine(n_seq_max=1, max_active=1)

@@ -259,7 +259,18 @@ def test_config_chooses_the_scheduler_and_checks_it(tmp_path):
                        ("[llm]\nmax_active = 0\n", "max_active"),
                        ("[models.x]\nn_ctx_seq = 512\n", "path"),
                        ('[models.default]\npath = "/m.gguf"\n', "default"),
-                       ('[llm]\ndefault_model = "nope"\n', "nope")):
+                       ('[llm]\ndefault_model = "nope"\n', "nope"),
+                       ('[llm]\nshare_prefix = "everyone"\n', "agent, fleet, group, all")):
         path.write_text(bad)
         with pytest.raises(config.ConfigError, match=words):
             config.load(path)
+
+
+def test_share_prefix_takes_a_scope_or_the_old_switch(tmp_path):
+    from kernel import config
+
+    path = tmp_path / "aiosd.toml"
+    for text, scope in (("true", "all"), ("false", "agent"), ('"group"', "group"), ('"fleet"', "fleet")):
+        path.write_text(f"[llm]\nshare_prefix = {text}\n")
+        assert config.load(path).llm.share_prefix == scope
+    assert config.load(None).llm.share_prefix == "agent"

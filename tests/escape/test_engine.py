@@ -17,7 +17,7 @@ from kernel.engine import SESSIONS_PER_OWNER, Engine, SamplingParams
 from kernel.scheduler import FairPolicy
 from agentproc.errors import E2BIG
 from tests.conftest import TEST_CONFIG, KernelProc
-from tests.escape.conftest import attack, neighbour_of
+from tests.escape.conftest import attack, kill, neighbour_of, wait_output
 from tests.test_engine import Sink, wait
 
 pytestmark = pytest.mark.timeout(180)
@@ -206,3 +206,49 @@ def test_a_session_dropped_while_making_room_for_its_own_reuse_is_prefilled(engi
     assert any(s.owner == "reuser" and s.tokens[:8] == engine.tokenize(first)[:8] for s in engine._sessions)
     out = wait(sink.outcome(engine.submit(first + " And then", SamplingParams(max_tokens=2), owner="reuser")))
     assert out.done is not None and out.done["usage"]["completion_tokens"] == 2, out.error
+
+
+FLEET_ASKER = """
+import sys, time
+from agentproc import llm
+system = "You are the fleet's shared assistant. Answer in one short sentence. " * 8
+out = llm.chat([{"role": "system", "content": system}, {"role": "user", "content": sys.argv[2]}], max_tokens=4)
+print("CACHED", out.usage["cached_tokens"], flush=True)
+time.sleep(float(sys.argv[1]))  # an agent's cached KV lives while it does
+"""
+
+
+def test_prefix_sharing_stays_inside_its_fleet(tmp_path, model_path):
+    """``share_prefix = "fleet"``: an agent reuses the cached prompt of another agent launched in its fleet, but
+    an agent of another fleet, or of none, never does (the timing side channel stays inside the fleet), and an
+    agent cannot choose its own fleet: only its spawner sets it."""
+    k = KernelProc(tmp_path, TEST_CONFIG.replace("[llm]", '[llm]\nshare_prefix = "fleet"'))
+    try:
+        def run(fleet, delay, question):
+            extra = {"fleet": fleet} if fleet else {}
+            rec = k.client.call("proc.spawn", {"source": FLEET_ASKER, "name": f"asker-{fleet}", **extra,
+                                               "argv": [str(delay), question]})
+            return rec["id"]
+
+        first = run("blue", 60, "Name a colour.")
+        assert "CACHED 0" in wait_output(k, first, "CACHED")
+        mate, stranger, loner = run("blue", 0, "Name a fruit."), run("red", 0, "Name a tree."), \
+            run(None, 0, "Name a bird.")
+        assert int(_done(k, mate).split("CACHED")[1]) > 50
+        kill(k, first)
+        assert "CACHED 0" in _done(k, stranger) and "CACHED 0" in _done(k, loner)
+        assert k.record(mate)["fleet"] == "blue" and k.record(loner)["fleet"] is None
+        rec, results, out = attack(k, """
+from agentproc.client import default
+attempt("spawn", lambda: default().call("proc.spawn", {"source": "print(1)", "fleet": "blue"}))
+""", name="fleet-crasher")
+        assert results["spawn"].startswith("DENIED EPERM"), out  # only operators (admin) spawn, fleets included
+    finally:
+        k.stop()
+
+
+def _done(k, agent_id: int) -> str:
+    rec = k.wait(agent_id, 60)
+    out = k.output(agent_id)
+    assert rec["exit_status"] == 0, out
+    return out
