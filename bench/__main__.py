@@ -1,14 +1,14 @@
 """``make bench``: run every benchmark, print its ratios, write bench/results.json.
 
-``python -m bench NAME...`` runs only the named ones (abi, llm, storage, memory, tools, fuzz, soak)."""
+``python -m bench NAME...`` runs only the named ones (p0, abi, llm, storage, memory, tools, fuzz, soak)."""
 import os
 import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the kernel runs (kernel/main.py), before numpy loads
 
-from bench import abi, fuzz, llm, memory, soak, storage, tools
+from bench import abi, fleet, fuzz, llm, memory, soak, storage, tools
 
-ALL = {"abi": abi.main, "llm": llm.main, "storage": storage.main, "memory": memory.main, "tools": tools.main,
+ALL = {"p0": fleet.main, "abi": abi.main, "llm": llm.main, "storage": storage.main, "memory": memory.main, "tools": tools.main,
        "fuzz": fuzz.main, "soak": soak.main}
 
 if __name__ == "__main__":

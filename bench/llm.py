@@ -174,6 +174,7 @@ class BareLoop:
             self.batch.n_tokens = len(chunk)
             assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
             current.update({s: llama_cpp.llama_sampler_sample(samplers[s], self.ctx, r) for s, r in last_row.items()})
+        prefill_s = time.perf_counter() - t0
         pos = [len(t) for t in toks]
         for _ in range(n_tokens - 1):
             for s in range(len(texts)):
@@ -185,7 +186,9 @@ class BareLoop:
         span = time.perf_counter() - t0
         for s in samplers:
             llama_cpp.llama_sampler_free(s)
-        return {"tokens": len(texts) * n_tokens, "seconds": span, "tok_s": len(texts) * n_tokens / span}
+        return {"tokens": len(texts) * n_tokens, "seconds": span, "tok_s": len(texts) * n_tokens / span,
+                "prefill_tokens": len(rows), "prefill_s": prefill_s,
+                "decode_tokens": len(texts) * (n_tokens - 1), "decode_s": span - prefill_s}
 
     def close(self):
         llama_cpp.llama_batch_free(self.batch)
