@@ -6,10 +6,10 @@ import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the kernel runs (kernel/main.py), before numpy loads
 
-from bench import abi, fleet, fuzz, llm, memory, soak, storage, tools
+from bench import abi, fleet, fuzz, kvlayout, llm, memory, soak, storage, tools
 
 ALL = {"p0": fleet.main, "abi": abi.main, "llm": llm.main, "storage": storage.main, "memory": memory.main, "tools": tools.main,
-       "fuzz": fuzz.main, "soak": soak.main}
+       "fuzz": fuzz.main, "soak": soak.main, "kvlayout": kvlayout.main}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or ALL:

@@ -97,15 +97,18 @@ kv_size = {kv}
 n_batch = 512
 threads = {threads}
 share_prefix = "{share}"
+kv_layout = "{layout}"
 """
 
 
 # ---- aiosd -------------------------------------------------------------------------------------------------
 
-def run_aiosd(share: str) -> dict:
-    """The fleet on a fresh kernel; ``share``: "agent" (the default) or "fleet" (all agents in one fleet)."""
+def run_aiosd(share: str, unified: bool = True) -> dict:
+    """The fleet on a fresh kernel; ``share``: "agent" (the default) or "fleet" (all agents in one fleet);
+    ``unified``: one KV pool (``kv_unified``), or a KV stream per slot."""
     kernel = start_kernel(KERNEL_CONFIG.format(procs=AGENTS + 8, slots=AGENTS + 8, active=min(AGENTS, 32),
-                                               kv=32768, threads=THREADS, share=share))
+                                               kv=32768, threads=THREADS, share=share,
+                                               layout="unified" if unified else "streams"))
     try:
         kproc = psutil.Process(kernel.popen.pid)
         cpu0 = sum(kproc.cpu_times()[:2])
@@ -253,10 +256,13 @@ def main() -> dict:
           f"{bare['decode_tok_s']:.0f} tok/s", flush=True)
     res = {"agents": AGENTS, "turns": TURNS, "max_tokens": MAX_TOKENS, "threads": THREADS,
            "system_prompt_tokens": bare["system_tokens"], "bare_loop": bare}
-    for name, fn in (("per_agent", lambda: run_aiosd("agent")), ("shared", lambda: run_aiosd("fleet")),
-                     ("server", lambda: run_server(model_path))):
-        r = fn()
-        shared = name == "shared"
+    systems = {"per_agent": lambda: run_aiosd("agent"), "shared": lambda: run_aiosd("fleet"),
+               "per_agent_streams": lambda: run_aiosd("agent", False),
+               "shared_streams": lambda: run_aiosd("fleet", False), "server": lambda: run_server(model_path)}
+    chosen = os.environ.get("AIOSD_P0_SYSTEMS", ",".join(systems)).split(",")
+    for name in chosen:
+        r = systems[name]()
+        shared = name.startswith("shared")
         need = needed_prompt_tokens(r["turns"], bare["system_tokens"], shared)
         limit = need / bare["prefill_tok_s"] + r["generated_tokens"] / bare["decode_tok_s"]
         r.update(needed_prompt_tokens=need, limit_s=limit, efficiency=limit / r["wall_s"])
@@ -264,17 +270,19 @@ def main() -> dict:
         print(f"  {name}: wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.0f} s, turn p50/p99 {r['turn_p50_s']:.1f}/"
               f"{r['turn_p99_s']:.1f} s, prompt tokens computed {r['prompt_tokens_computed']} (reused "
               f"{r['prompt_tokens_reused']}), limit {limit:.1f} s, efficiency {r['efficiency']:.2f}", flush=True)
-    res["efficiency_per_agent"] = res["per_agent"]["efficiency"]
-    res["efficiency_shared"] = res["shared"]["efficiency"]
-    res["speedup_vs_server_per_agent"] = res["server"]["wall_s"] / res["per_agent"]["wall_s"]
-    res["speedup_vs_server_shared"] = res["server"]["wall_s"] / res["shared"]["wall_s"]
     res["wall_s"] = time.time() - t0
     res["cpu"] = _cpu_model()
-    save("p0", res)
-    print(f"P0 {AGENTS} agents x {TURNS} turns: shared {res['shared']['wall_s']:.1f} s (efficiency "
-          f"{res['efficiency_shared']:.2f}, goal >= 0.9), per agent {res['per_agent']['wall_s']:.1f} s (efficiency "
-          f"{res['efficiency_per_agent']:.2f}) | llama_cpp.server {res['server']['wall_s']:.1f} s: "
-          f"{res['speedup_vs_server_shared']:.2f}x / {res['speedup_vs_server_per_agent']:.2f}x faster", flush=True)
+    if {"per_agent", "shared", "server"} <= set(chosen):
+        res["efficiency_per_agent"] = res["per_agent"]["efficiency"]
+        res["efficiency_shared"] = res["shared"]["efficiency"]
+        res["speedup_vs_server_per_agent"] = res["server"]["wall_s"] / res["per_agent"]["wall_s"]
+        res["speedup_vs_server_shared"] = res["server"]["wall_s"] / res["shared"]["wall_s"]
+        print(f"P0 {AGENTS} agents x {TURNS} turns: shared {res['shared']['wall_s']:.1f} s (efficiency "
+              f"{res['efficiency_shared']:.2f}, goal >= 0.9), per agent {res['per_agent']['wall_s']:.1f} s "
+              f"(efficiency {res['efficiency_per_agent']:.2f}) | llama_cpp.server {res['server']['wall_s']:.1f} s: "
+              f"{res['speedup_vs_server_shared']:.2f}x / {res['speedup_vs_server_per_agent']:.2f}x faster",
+              flush=True)
+    save("p0" if set(chosen) >= set(systems) - {"per_agent_streams", "shared_streams"} else "p0_partial", res)
     return res
 
 

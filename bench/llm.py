@@ -122,7 +122,7 @@ class BareLoop:
     """A bare llama.cpp batched-decode loop: the engine's context settings, no kernel, no Python bookkeeping
     beyond the batch itself; greedy sampling in C, one sampler per sequence."""
 
-    def __init__(self, model_path: str, n_seq: int, n_ctx_seq: int = 512, n_batch: int = 512):
+    def __init__(self, model_path: str, n_seq: int, n_ctx_seq: int = 512, n_batch: int = 512, unified: bool = True):
         _backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.use_extra_bufts = False
@@ -131,7 +131,7 @@ class BareLoop:
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx_seq * n_seq, n_batch, n_batch, n_seq
         cp.n_threads = cp.n_threads_batch = os.cpu_count() or 1
-        cp.kv_unified, cp.swa_full, cp.no_perf = True, True, True
+        cp.kv_unified, cp.swa_full, cp.no_perf = unified, True, True
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)

@@ -69,6 +69,7 @@ class LLMSection:
     threads: int = 0         # 0: os.cpu_count()
     max_active: int = 16     # sequences decoded together in one step (capped at n_seq_max)
     kv_size: int = 0         # KV cells shared by all sequences; 0: n_ctx_seq * max_active
+    kv_layout: str = "auto"  # unified (one KV pool) | streams (a pool per slot) | auto (docs/engine.md)
     scheduler: str = "fair"  # fifo | rr | fair (kernel/scheduler.py)
     rr_slice: int = 32       # tokens: rr's time slice, fair's hysteresis
     swap_ram_mb: int = 512   # evicted sequences' KV snapshots in RAM, then
@@ -302,6 +303,8 @@ def load(path: str | os.PathLike | None) -> Config:
                                                                         llm.swap_disk_mb) < 0:
         raise ConfigError(f"{path}: [llm] needs max_active, rr_slice and prefill_chunk >= 1; kv_size, swap_ram_mb "
                           "and swap_disk_mb >= 0")
+    if cfg.llm.kv_layout not in ("auto", "unified", "streams"):
+        raise ConfigError(f"{path}: [llm] kv_layout must be auto, unified or streams, got {cfg.llm.kv_layout!r}")
     if cfg.llm.share_prefix not in SHARE_SCOPES:
         raise ConfigError(f"{path}: [llm] share_prefix must be one of {', '.join(SHARE_SCOPES)} (whose cached KV a "
                           f"request may reuse; docs/engine.md), got {cfg.llm.share_prefix!r}")

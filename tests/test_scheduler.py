@@ -274,3 +274,19 @@ def test_share_prefix_takes_a_scope_or_the_old_switch(tmp_path):
         path.write_text(f"[llm]\nshare_prefix = {text}\n")
         assert config.load(path).llm.share_prefix == scope
     assert config.load(None).llm.share_prefix == "agent"
+
+
+def test_kv_layout_auto_follows_prefix_sharing(tmp_path):
+    """``auto``: a stream per slot while agents reuse only their own KV (attention walks one sequence's cells),
+    one pool when they share prefixes (shared cells, not copies); explicit layouts win."""
+    from kernel import config
+    from kernel.engine import kv_unified
+
+    path = tmp_path / "aiosd.toml"
+    for text, unified in (("", False), ('share_prefix = "fleet"', True), ('kv_layout = "unified"', True),
+                          ('share_prefix = "group"\nkv_layout = "streams"', False)):
+        path.write_text(f"[llm]\n{text}\n")
+        assert kv_unified(config.load(path).llm) is unified, text
+    path.write_text('[llm]\nkv_layout = "sparse"\n')
+    with pytest.raises(config.ConfigError, match="auto, unified or streams"):
+        config.load(path)
