@@ -146,6 +146,7 @@ class McpServer:
     confirm: str = "destructive"  # which calls wait for an operator: destructive | always | never
 
 
+UID_FLOOR = 65536  # [sandbox] uid_base: above root, system users, login users and nobody (65534)
 SHARE_SCOPES = ("agent", "fleet", "group", "all")  # [llm] share_prefix, narrowest first
 MCP_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
@@ -273,6 +274,15 @@ def load(path: str | os.PathLike | None) -> Config:
         else:
             raise ConfigError(f"{path}: unknown section [{name}]; known: [kernel], [llm], [sandbox], [storage], [memory], [access], "
                               "[groups.NAME], [models.NAME], [mcp.NAME]")
+    sb = cfg.sandbox
+    if not (UID_FLOOR <= sb.uid_base and 1 <= sb.uid_count <= 1_000_000 and sb.uid_base + sb.uid_count < 2**31):
+        raise ConfigError(f"{path}: [sandbox] uid_base must be at least {UID_FLOOR} (agents must never run as root, "
+                          f"a system user or a login user) and uid_count 1..1000000, the range below 2^31; got "
+                          f"uid_base = {sb.uid_base}, uid_count = {sb.uid_count}")
+    if sb.cpu_quota < 0 or cfg.llm.threads < 0 or cfg.kernel.max_procs < 1:
+        raise ConfigError(f"{path}: [sandbox] cpu_quota and [llm] threads must be >= 0 (0: none / every CPU), "
+                          f"[kernel] max_procs >= 1; got cpu_quota = {sb.cpu_quota}, threads = {cfg.llm.threads}, "
+                          f"max_procs = {cfg.kernel.max_procs}")
     if cfg.kernel.max_pending < 1 or cfg.kernel.max_followers < 1:
         raise ConfigError(f"{path}: [kernel] max_pending and max_followers must be at least 1")
     st = cfg.storage

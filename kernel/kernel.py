@@ -28,6 +28,7 @@ from kernel.memory import MemoryManager
 from kernel import toolcalls
 from kernel.tools import BUILTIN_POOLS, BUILTIN_TOOLS, TOOL_GROUP, ToolManager, mcp_profile
 from kernel.storage import MB, Storage
+from kernel.sdnotify import Notifier
 from kernel.worker import PREP_STACK_BYTES, Worker
 from kernel.proc import Proc, ProcTable, State
 from kernel.router import Call, Router
@@ -90,6 +91,8 @@ class Kernel:
         self._pipe_owner: dict[int, Proc] = {}
         self._stop_reason: str | None = None
         self.started_at = time.time()
+        self.notifier = Notifier()  # systemd's NOTIFY_SOCKET, if any (kernel/sdnotify.py)
+        self._status_mark = (time.monotonic(), 0)
         self.resources = ResourceManager()
         sb = config.sandbox
         self.host = Host(self.runtime_dir, [str(self.state_dir), str(Path(model_path).absolute().parent)],
@@ -151,6 +154,7 @@ class Kernel:
         for layer, status in self.host.capabilities().items():
             log.info("sandbox layer %s: %s", layer, status)
         log.info("serving %s with model %s (pid %d)", self.endpoint, self.engine.model_name, os.getpid())
+        self.notifier.ready(f"serving {self.endpoint}, model {self.engine.model_name}")
 
     def _operator_key(self) -> bytes:
         """A fresh operator credential in ``<runtime-dir>/operator.key`` (0600 in the 0700 dir): operators present
@@ -178,6 +182,7 @@ class Kernel:
                 self._expire_confirmations()
                 self.tools.tick()
                 self.audit.flush()
+                self.notifier.tick(self._status_line)
             for what, _ in events:
                 if what is router_sock:
                     self.router.serve_ready()
@@ -204,6 +209,18 @@ class Kernel:
         if self._stop_reason is None:
             log.info("shutting down: %s", reason)
             self._stop_reason = reason
+            self.notifier.stopping(f"stopping: {reason}")
+
+    def _status_line(self) -> str:
+        """systemd's STATUS=: agents, requests waiting for the engine, tokens generated a second lately."""
+        stats = self.engine.stats()
+        generated = sum(s.get("tokens_generated", 0) for s in stats.values())
+        waiting = sum(s.get("waiting", 0) for s in stats.values())
+        now = time.monotonic()
+        last_t, last_n = self._status_mark
+        self._status_mark = (now, generated)
+        rate = (generated - last_n) / (now - last_t) if now > last_t else 0.0
+        return f"{len(self.procs.live())} agents, {waiting} requests waiting, {rate:.1f} tokens/s"
 
     def shutdown(self) -> None:
         """Kill every agent, wait (bounded) to reap them, stop the engine, release the socket."""

@@ -1,4 +1,5 @@
-"""``aiosd``: run the kernel in the foreground (a systemd ``Type=simple`` service; see docs/operating.md)."""
+"""``aiosd``: run the kernel in the foreground (a systemd ``Type=notify`` service: packaging/aiosd.service,
+docs/operating.md).  ``aiosd --check-config [FILE]`` checks a config file and exits."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,20 @@ def default_state_dir() -> str:
     return os.path.join(base, "aiosd")
 
 
+def config_path(given: str | None) -> str | None:
+    """The config file: ``--config``, else ``$AIOSD_CONFIG``, else ``/etc/aiosd/config.toml`` or
+    ``$XDG_CONFIG_HOME/aiosd/config.toml`` (``~/.config``) if one exists; None: the defaults."""
+    if given:
+        return given
+    if os.environ.get("AIOSD_CONFIG"):
+        return os.environ["AIOSD_CONFIG"]
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    for path in ("/etc/aiosd/config.toml", os.path.join(xdg, "aiosd", "config.toml")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="aiosd", description="The aiosd kernel, in the foreground.")
     ap.add_argument("--runtime-dir", default=None, help="socket, pidfile, agent scratch and logs "
@@ -34,12 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=None, help="models and persistent state "
                     "(default: $AIOSD_STATE_DIR, $XDG_STATE_HOME/aiosd or ~/.local/state/aiosd)")
     ap.add_argument("--model", default=None, help="a .gguf model (default: the embedded Gemma 3 270M)")
-    ap.add_argument("--config", default=None, help="a TOML config file (docs/config.md)")
+    ap.add_argument("--config", default=None, help="a TOML config file (docs/config.md; default: $AIOSD_CONFIG, "
+                    "/etc/aiosd/config.toml, $XDG_CONFIG_HOME/aiosd/config.toml, else built-in defaults)")
+    ap.add_argument("--check-config", nargs="?", const="", default=None, metavar="FILE",
+                    help="check FILE (default: the config aiosd would read) and exit: 0 valid, 1 not")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="aiosd: %(levelname)s %(message)s")
+    if args.check_config is not None:
+        path = config_path(args.check_config or args.config)
+        try:
+            config_mod.load(path)
+        except config_mod.ConfigError as exc:
+            print(f"aiosd: {exc}", file=sys.stderr)
+            return 1
+        print(f"aiosd: {path or 'the built-in defaults'}: valid")
+        return 0
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(config_path(args.config))
         state_dir = args.state_dir or default_state_dir()
         model = args.model or cfg.llm.model or str(ensure_default_model(state_dir))
         if not os.path.isfile(model):
