@@ -92,6 +92,8 @@ class Kernel:
         self._stop_reason: str | None = None
         self.started_at = time.time()
         self.notifier = Notifier()  # systemd's NOTIFY_SOCKET, if any (kernel/sdnotify.py)
+        self._draining_since: float | None = None  # SIGTERM: when the drain began (request_shutdown)
+        self._drain_reason = ""
         self._status_mark = (time.monotonic(), 0)
         self.resources = ResourceManager()
         sb = config.sandbox
@@ -183,6 +185,7 @@ class Kernel:
                 self.tools.tick()
                 self.audit.flush()
                 self.notifier.tick(self._status_line)
+                self._check_drain()
             for what, _ in events:
                 if what is router_sock:
                     self.router.serve_ready()
@@ -206,10 +209,39 @@ class Kernel:
         }
 
     def request_shutdown(self, reason: str) -> None:
-        if self._stop_reason is None:
-            log.info("shutting down: %s", reason)
-            self._stop_reason = reason
-            self.notifier.stopping(f"stopping: {reason}")
+        """Stop serving: first drain -- no new work is admitted (``DRAIN_REFUSED``: ECANCELED), generations and
+        tool calls under way get ``[kernel] drain_s`` to finish -- then shut down.  A second request (a second
+        SIGTERM), or ``drain_s = 0``, skips the drain."""
+        if self._stop_reason is not None:
+            return
+        if self._draining_since is None and self.config.kernel.drain_s > 0:
+            self._draining_since = time.monotonic()
+            log.info("draining (%s): no new work; what is under way has %g s to finish", reason,
+                     self.config.kernel.drain_s)
+            self.notifier.stopping(f"draining: {reason}")
+            self._drain_reason = reason
+            return
+        log.info("shutting down: %s", reason)
+        self._stop_reason = reason
+        self.notifier.stopping(f"stopping: {reason}")
+
+    def draining(self) -> bool:
+        return self._draining_since is not None
+
+    def _drained(self) -> bool:
+        """Nothing left under way: no LLM request pending (agents' or operators'), none being prepared, no tool
+        call queued or running."""
+        stats = self.engine.stats()
+        llm = sum(s.get("active", 0) + s.get("waiting", 0) for s in stats.values())
+        return not (llm or self._preparing or any(p.pending for p in self.procs.live()) or self.tools.busy())
+
+    def _check_drain(self) -> None:
+        if self._draining_since is None or self._stop_reason is not None:
+            return
+        late = time.monotonic() - self._draining_since > self.config.kernel.drain_s
+        if late or self._drained():
+            log.info("drained%s; shutting down", " (deadline passed)" if late else "")
+            self._stop_reason = self._drain_reason
 
     def _status_line(self) -> str:
         """systemd's STATUS=: agents, requests waiting for the engine, tokens generated a second lately."""

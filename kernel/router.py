@@ -39,6 +39,9 @@ log = logging.getLogger("aiosd.router")
 ANSWER_HWM = 256
 REQUEST_HWM = 64
 STALL_S = 1.0  # a peer whose answer queue overflowed is not served for this long (its frames are dropped)
+# While the kernel drains for shutdown (SIGTERM: kernel.request_shutdown) these are refused with ECANCELED: they
+# start new work.  Everything else -- reading, the answers of work under way -- goes on.
+DRAIN_REFUSED = frozenset({"proc.spawn", "llm.generate", "llm.chat", "tool.call"})
 DEFERRED = object()  # a handler's "the answer comes later through the call" (streams, generations)
 
 
@@ -244,6 +247,8 @@ class Router:
             if syscall.privilege not in caller.privileges:
                 raise EPERM(f"group {caller.group!r} may not call {env.call} "
                             f"(needs privilege {syscall.privilege!r})")
+            if env.call in DRAIN_REFUSED and self.kernel.draining():
+                raise SyscallError(f"the kernel is shutting down: it admits no new work ({env.call})", "ECANCELED")
             args = codec.decode_args(syscall.decoder, env.args)
             call = Call(self, rid, routing_id, caller)
             result = self._handlers[env.call](self.kernel, call, args)

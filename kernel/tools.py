@@ -361,6 +361,10 @@ class ToolManager:
             state.queue = collections.deque(j for j in state.queue
                                             if getattr(j.call.caller.proc, "id", None) != proc_id)
 
+    def busy(self) -> bool:
+        """Is a tool call queued or running?"""
+        return bool(self._jobs) or any(s.queue for s in self._state.values())
+
     def stats(self) -> dict:
         return {name: {"workers": len(s.workers), "idle": len(s.idle), "queued": len(s.queue), "calls": s.calls}
                 for name, s in self._state.items()}

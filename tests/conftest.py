@@ -122,7 +122,9 @@ class KernelProc:
         rec = self.wait(self.spawn(source, **kw)["id"], timeout)
         return rec, self.output(rec["id"])
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def stop(self, timeout: float = 15.0, drain: bool = False) -> int:
+        """SIGTERM the kernel -- twice, so that it does not drain, unless ``drain`` -- and wait; SIGKILL past
+        ``timeout``.  Returns its exit status."""
         for c in self._clients:
             try:
                 c.close()
@@ -131,6 +133,10 @@ class KernelProc:
         self._clients.clear()
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
+            if not drain:
+                time.sleep(0.05)  # two signals in a row may be delivered as one
+                if self.popen.poll() is None:
+                    self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

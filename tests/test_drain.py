@@ -1,0 +1,60 @@
+"""SIGTERM drains (docs/operating.md): no new work is admitted (ECANCELED), a generation under way finishes and
+reaches its agent, then the kernel stops its agents and exits 0; a second SIGTERM does not wait."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.conftest import TEST_CONFIG, KernelProc
+from tests.escape.conftest import wait_output
+
+pytestmark = pytest.mark.timeout(120)
+
+WRITER = """
+import time
+from agentproc import llm
+from agentproc.errors import ECANCELED
+print("START", flush=True)
+out = llm.generate("Once upon a time, in a quiet village by the sea,", max_tokens=160, temperature=0.0)
+print("DONE", out.usage["completion_tokens"], flush=True)
+try:
+    llm.generate("Another story", max_tokens=4)
+    print("SECOND ran", flush=True)
+except ECANCELED as e:
+    print("SECOND refused", e.message, flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigterm_lets_a_generation_finish_then_exits(tmp_path, model_path):
+    k = KernelProc(tmp_path, TEST_CONFIG.replace("[kernel]", "[kernel]\ndrain_s = 60"))
+    try:
+        agent = k.spawn(WRITER, name="writer")["id"]
+        wait_output(k, agent, "START")
+        time.sleep(0.5)  # the generation is under way
+        k.popen.send_signal(signal.SIGTERM)
+        assert k.popen.wait(90) == 0
+        out = (tmp_path / "run" / "logs" / f"{agent}.log").read_text()  # the kernel is gone; its log stays
+        assert "DONE 160" in out, out
+        assert "SECOND refused the kernel is shutting down" in out, out
+        assert "draining" in k.log() and "drained" in k.log()
+    finally:
+        k.stop()
+
+
+def test_a_second_sigterm_does_not_wait(tmp_path, model_path):
+    k = KernelProc(tmp_path, TEST_CONFIG.replace("[kernel]", "[kernel]\ndrain_s = 600"))
+    try:
+        agent = k.spawn(WRITER.replace("max_tokens=160", "max_tokens=4000"), name="long")["id"]
+        wait_output(k, agent, "START")
+        time.sleep(0.5)
+        k.popen.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert k.popen.poll() is None  # draining
+        t0 = time.monotonic()
+        k.popen.send_signal(signal.SIGTERM)
+        assert k.popen.wait(30) == 0 and time.monotonic() - t0 < 20
+    finally:
+        k.stop()
