@@ -240,7 +240,8 @@ class Kernel:
             return
         late = time.monotonic() - self._draining_since > self.config.kernel.drain_s
         if late or self._drained():
-            log.info("drained%s; shutting down", " (deadline passed)" if late else "")
+            log.info("shutting down: %s (%s)", self._drain_reason,
+                     "drain deadline passed" if late else "drained: nothing left under way")
             self._stop_reason = self._drain_reason
 
     def _status_line(self) -> str:

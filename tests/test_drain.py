@@ -39,7 +39,7 @@ def test_sigterm_lets_a_generation_finish_then_exits(tmp_path, model_path):
         out = (tmp_path / "run" / "logs" / f"{agent}.log").read_text()  # the kernel is gone; its log stays
         assert "DONE 160" in out, out
         assert "SECOND refused the kernel is shutting down" in out, out
-        assert "draining" in k.log() and "drained" in k.log()
+        assert "draining (SIGTERM)" in k.log() and "shutting down: SIGTERM (drained" in k.log()
     finally:
         k.stop()
 
