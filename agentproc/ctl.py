@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -154,6 +155,14 @@ def cmd_status(c: Client, a) -> int:
     return 0
 
 
+def cmd_reload(c: Client, a) -> int:
+    """SIGHUP to the kernel (its pid from sys.status): it re-reads its config file (docs/operating.md)."""
+    pid = c.call("sys.status")["pid"]
+    os.kill(pid, signal.SIGHUP)
+    print(f"asked aiosd (pid {pid}) to reload its config; its log says what it applied or refused")
+    return 0
+
+
 def cmd_shutdown(c: Client, a) -> int:
     c.call("sys.shutdown")
     print("kernel shutting down")
@@ -281,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
     sub.add_parser("shutdown", help="stop the kernel and its agents").set_defaults(fn=cmd_shutdown)
+    sub.add_parser("reload", help="re-read the kernel's config (groups, access, kernel limits)").set_defaults(
+        fn=cmd_reload)
     p = sub.add_parser("storage", help="read and write any agent's storage (its launch name is its namespace)")
     p.add_argument("action", choices=("ls", "get", "put", "versions", "rollback"))
     p.add_argument("namespace")

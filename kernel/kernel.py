@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from kernel.config import Config
+from kernel.config import Config, ConfigError, load as load_config
 from kernel.engine import EngineError, Engines, SamplingParams
 from kernel.access import Audit, Grants, Pending
 from kernel.memory import MemoryManager
@@ -93,6 +93,8 @@ class Kernel:
         self.started_at = time.time()
         self.notifier = Notifier()  # systemd's NOTIFY_SOCKET, if any (kernel/sdnotify.py)
         self._draining_since: float | None = None  # SIGTERM: when the drain began (request_shutdown)
+        self.config_file: str | None = None  # what SIGHUP re-reads (kernel/main.py sets it)
+        self._reload_requested = False
         self._drain_reason = ""
         self._status_mark = (time.monotonic(), 0)
         self.resources = ResourceManager()
@@ -147,6 +149,7 @@ class Kernel:
         signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda *_: self.request_shutdown("SIGTERM"))
         signal.signal(signal.SIGINT, lambda *_: self.request_shutdown("SIGINT"))
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))  # served by the loop
         signal.signal(signal.SIGCHLD, lambda *_: None)  # the wake-up fd does the work
         self.poller = zmq.Poller()
         self.poller.register(self.router.sock, zmq.POLLIN)
@@ -186,6 +189,9 @@ class Kernel:
                 self.audit.flush()
                 self.notifier.tick(self._status_line)
                 self._check_drain()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
             for what, _ in events:
                 if what is router_sock:
                     self.router.serve_ready()
@@ -224,6 +230,35 @@ class Kernel:
         log.info("shutting down: %s", reason)
         self._stop_reason = reason
         self.notifier.stopping(f"stopping: {reason}")
+
+    # Sections a reload applies at once; the others (the engine's, storage's, the sandbox's, MCP servers) are
+    # built at start, and a change to them is reported as needing a restart.
+    RELOADED = ("groups", "access", "kernel")
+
+    def reload(self) -> None:
+        """SIGHUP (``aiosctl reload``): re-read the config file and apply its groups (privileges, limits,
+        priority, tools, fork), ``[access]`` confirmations and ``[kernel]`` limits, dropping no request and no
+        agent: agents keep the limits they were started with, callers are re-identified under the new groups.
+        A file that does not validate is refused, and the running config stays (log and ``STATUS=``)."""
+        self.notifier.send(RELOADING=1, MONOTONIC_USEC=int(time.monotonic() * 1e6))
+        try:
+            new = load_config(self.config_file)
+            if new.kernel.max_frame != self.config.kernel.max_frame or new.access.path != self.config.access.path:
+                raise ConfigError(f"{self.config_file}: [kernel] max_frame and [access] path take a restart")
+        except ConfigError as exc:
+            log.error("reload refused; the running config stays: %s", exc)
+            self.notifier.send(READY=1, STATUS=f"reload refused: {exc}"[:500])
+            return
+        later = [name for name in ("llm", "models", "sandbox", "storage", "memory", "mcp")
+                 if getattr(new, name) != getattr(self.config, name)]
+        for name in self.RELOADED:
+            setattr(self.config, name, getattr(new, name))
+        self.procs.max_procs = new.kernel.max_procs
+        self.pending.timeout_s = new.access.confirm_timeout_s
+        self.router.forget_all()  # every caller is identified again, under the new groups
+        log.info("reloaded %s: groups, [access] and [kernel] applied%s", self.config_file or "the defaults",
+                 f"; changed sections that take a restart: {', '.join(later)}" if later else "")
+        self.notifier.send(READY=1, STATUS="reloaded" + (f"; restart to apply {', '.join(later)}" if later else ""))
 
     def draining(self) -> bool:
         return self._draining_since is not None

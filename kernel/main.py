@@ -66,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aiosd: {path or 'the built-in defaults'}: valid")
         return 0
     try:
-        cfg = config_mod.load(config_path(args.config))
+        path = config_path(args.config)
+        cfg = config_mod.load(path)
         state_dir = args.state_dir or default_state_dir()
         model = args.model or cfg.llm.model or str(ensure_default_model(state_dir))
         if not os.path.isfile(model):
             raise KernelError(f"no model file at {model}; pass --model PATH or run `make install`")
         kernel = Kernel(args.runtime_dir or default_runtime_dir(), state_dir, cfg, model)
+        kernel.config_file = path
         kernel.start()
     except (KernelError, config_mod.ConfigError, RuntimeError) as exc:
         print(f"aiosd: {exc}", file=sys.stderr)

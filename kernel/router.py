@@ -318,6 +318,11 @@ class Router:
         return (len(routing_id) == 1 + n + 8 and routing_id.startswith(OPERATOR_PREFIX)
                 and hmac.compare_digest(routing_id[1:1 + n], self._operator_key))
 
+    def forget_all(self) -> None:
+        """Drop every cached identification (a config reload changed the groups); the next frame of each
+        connection is identified afresh."""
+        self._callers.clear()
+
     def forget(self, proc) -> None:
         """Drop cached callers of an ended process (its frames are refused through ``by_token`` from now on)."""
         for key in [k for k, c in self._callers.items() if c.proc is proc]:
