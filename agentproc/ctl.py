@@ -155,6 +155,12 @@ def cmd_status(c: Client, a) -> int:
     return 0
 
 
+def cmd_metrics(c: Client, a) -> int:
+    """The kernel's Prometheus metrics (text exposition format), as a scraper would read them."""
+    sys.stdout.write(c.call("sys.metrics")["text"])
+    return 0
+
+
 def cmd_reload(c: Client, a) -> int:
     """SIGHUP to the kernel (its pid from sys.status): it re-reads its config file (docs/operating.md)."""
     pid = c.call("sys.status")["pid"]
@@ -290,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
     sub.add_parser("shutdown", help="stop the kernel and its agents").set_defaults(fn=cmd_shutdown)
+    sub.add_parser("metrics", help="the kernel's Prometheus metrics").set_defaults(fn=cmd_metrics)
     sub.add_parser("reload", help="re-read the kernel's config (groups, access, kernel limits)").set_defaults(
         fn=cmd_reload)
     p = sub.add_parser("storage", help="read and write any agent's storage (its launch name is its namespace)")

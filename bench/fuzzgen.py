@@ -24,8 +24,8 @@ import time
 import msgpack
 
 # Every syscall in syscalls/table.py (tests/escape/test_fuzz.py checks that the two agree).
-SYSCALLS = ("sys.ping", "sys.shutdown", "sys.status", "proc.self", "proc.ready", "proc.list", "proc.kill",
-            "proc.spawn", "proc.logs", "llm.generate", "llm.chat", "llm.cancel", "storage.put", "storage.get",
+SYSCALLS = ("sys.ping", "sys.shutdown", "sys.status", "sys.metrics", "proc.self", "proc.ready", "proc.list",
+            "proc.kill", "proc.spawn", "proc.logs", "llm.generate", "llm.chat", "llm.cancel", "storage.put", "storage.get",
             "storage.stat", "storage.list", "storage.delete", "storage.versions", "storage.rollback", "memory.add",
             "memory.get", "memory.list", "memory.delete", "memory.search", "memory.stats", "access.grant",
             "access.revoke", "access.list", "access.pending", "access.decide", "tool.list", "tool.call", "tool.next",

@@ -58,6 +58,7 @@ class KernelSection:
     max_pending: int = 32    # LLM requests one agent may have unanswered (EAGAIN beyond)
     max_followers: int = 8   # proc.logs follow streams one agent may hold open (EAGAIN beyond)
     drain_s: float = 30.0    # SIGTERM: generations and tool calls under way get this long to finish (0: none)
+    metrics_port: int = 0    # serve Prometheus metrics on 127.0.0.1:PORT (0: only through sys.metrics)
 
 
 @dataclass
@@ -280,6 +281,8 @@ def load(path: str | os.PathLike | None) -> Config:
         raise ConfigError(f"{path}: [sandbox] uid_base must be at least {UID_FLOOR} (agents must never run as root, "
                           f"a system user or a login user) and uid_count 1..1000000, the range below 2^31; got "
                           f"uid_base = {sb.uid_base}, uid_count = {sb.uid_count}")
+    if not 0 <= cfg.kernel.metrics_port <= 65535:
+        raise ConfigError(f"{path}: [kernel] metrics_port must be 0 (off) or a TCP port, got {cfg.kernel.metrics_port}")
     if sb.cpu_quota < 0 or cfg.llm.threads < 0 or cfg.kernel.max_procs < 1 or cfg.kernel.drain_s < 0:
         raise ConfigError(f"{path}: [sandbox] cpu_quota, [llm] threads, [kernel] drain_s must be >= 0 (0: none / every CPU), "
                           f"[kernel] max_procs >= 1; got cpu_quota = {sb.cpu_quota}, threads = {cfg.llm.threads}, "

@@ -461,7 +461,7 @@ class Engine:
         self._scopes: dict = {}  # owner -> its prefix-sharing scope (owners of one scope reuse each other's KV)
         self._closed = False
         self._stats = {"active": 0, "steps": 0, "tokens_generated": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                       "prefix_hits": 0, "resident": 0, "cached_sessions": 0}
+                       "prefix_hits": 0, "resident": 0, "cached_sessions": 0, "kv_cells_used": 0}
 
         # Set by the engine thread while loading; read-only until freed.  tokenize/render_chat/submit use them on
         # the caller's thread under _model_lock, which the engine thread takes to free them.
@@ -855,6 +855,7 @@ class Engine:
             self._stats["active"] = sum(req._state != DONE for req in self._running)
             self._stats["resident"] = sum(s.seq is not None for s in self._slots)
             self._stats["cached_sessions"] = sum(s.cache is not None for s in self._slots) + len(self._sessions)
+            self._stats["kv_cells_used"] = self._kv_used()
 
     # -- cancellation --
 

@@ -28,6 +28,7 @@ from kernel.memory import MemoryManager
 from kernel import toolcalls
 from kernel.tools import BUILTIN_POOLS, BUILTIN_TOOLS, TOOL_GROUP, ToolManager, mcp_profile
 from kernel.storage import MB, Storage
+from kernel.metrics import Metrics
 from kernel.sdnotify import Notifier
 from kernel.worker import PREP_STACK_BYTES, Worker
 from kernel.proc import Proc, ProcTable, State
@@ -92,6 +93,8 @@ class Kernel:
         self._stop_reason: str | None = None
         self.started_at = time.time()
         self.notifier = Notifier()  # systemd's NOTIFY_SOCKET, if any (kernel/sdnotify.py)
+        self.metrics = Metrics(self)  # kernel/metrics.py
+        self.limit_kills: dict[str, int] = {}  # agents killed over a limit, by reason word (OOMKilled, ...)
         self._draining_since: float | None = None  # SIGTERM: when the drain began (request_shutdown)
         self.config_file: str | None = None  # what SIGHUP re-reads (kernel/main.py sets it)
         self._reload_requested = False
@@ -158,6 +161,12 @@ class Kernel:
         self.pidfile.write_text(str(os.getpid()))
         for layer, status in self.host.capabilities().items():
             log.info("sandbox layer %s: %s", layer, status)
+        if self.config.kernel.metrics_port:
+            try:
+                self.metrics.listen(self.config.kernel.metrics_port)
+            except OSError as exc:
+                raise KernelError(f"cannot serve metrics on 127.0.0.1:{self.config.kernel.metrics_port}: "
+                                  f"{exc.strerror or exc} ([kernel] metrics_port)") from None
         log.info("serving %s with model %s (pid %d)", self.endpoint, self.engine.model_name, os.getpid())
         self.notifier.ready(f"serving {self.endpoint}, model {self.engine.model_name}")
 
@@ -188,6 +197,7 @@ class Kernel:
                 self.tools.tick()
                 self.audit.flush()
                 self.notifier.tick(self._status_line)
+                self.metrics.tick()
                 self._check_drain()
             if self._reload_requested:
                 self._reload_requested = False
@@ -298,6 +308,7 @@ class Kernel:
         while self.procs.live() and time.monotonic() < deadline:
             time.sleep(0.01)
             self._reap()
+        self.metrics.close()
         self.host.close()
         self.resources.disk.close()  # finishes removing the scratch dirs of the agents reaped above
         if self.preparer is not None:
@@ -388,6 +399,8 @@ class Kernel:
         live = self.procs.live()
         for proc, reason in self.resources.sweep(live):
             log.warning("agent %d (%s): %s", proc.id, proc.name, reason)
+            word = reason.split(":", 1)[0]
+            self.limit_kills[word] = self.limit_kills.get(word, 0) + 1
             self.kill(proc, reason)
         if self.resources.slow_swept:
             for pid in self.host.kill_orphans({p.pid for p in live}):

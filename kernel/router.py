@@ -91,10 +91,12 @@ class Call:
     For an LLM call, ``reserved`` is the tokens reserved for it against its caller's quota and ``ended`` tells
     that it no longer counts against the caller's pending cap (kernel.llm_submit)."""
 
-    __slots__ = ("router", "rid", "routing_id", "caller", "seq", "done", "reserved", "ended")
+    __slots__ = ("router", "rid", "routing_id", "caller", "seq", "done", "reserved", "ended", "name", "t0")
 
-    def __init__(self, router: "Router", rid: int, routing_id: bytes, caller: Caller):
+    def __init__(self, router: "Router", rid: int, routing_id: bytes, caller: Caller, name: str = "",
+                 t0: float = 0.0):
         self.router, self.rid, self.routing_id, self.caller = router, rid, routing_id, caller
+        self.name, self.t0 = name, t0  # the syscall and when its frame was read (latency metrics)
         self.seq = 0
         self.done = False
         self.reserved = 0
@@ -114,11 +116,13 @@ class Call:
         if not self.done:
             self.done = True
             self.router.send(self.routing_id, codec.reply_ok(self.rid, result), self.caller)
+            self.router.answered(self)
 
     def fail(self, code: str, message: str) -> None:
         if not self.done:
             self.done = True
             self.router.send(self.routing_id, codec.reply_error(self.rid, code, message), self.caller)
+            self.router.answered(self)
 
 
 def parse_peer(peer: str | None) -> tuple[int, int, int]:
@@ -186,6 +190,7 @@ class Router:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
         self._callers: dict[tuple[bytes, str], Caller] = {}
+        self.metrics = getattr(kernel, "metrics", None)  # kernel/metrics.py: syscall latency
         self._uid = os.getuid()
         self._pid = os.getpid()
         self._warned_at = 0.0
@@ -221,6 +226,7 @@ class Router:
             handle(sock.recv_multipart(copy=False))
 
     def handle(self, frames) -> None:
+        t0 = time.perf_counter()
         routing_id = frames[0].bytes
         payload = frames[-1]
         try:
@@ -250,7 +256,7 @@ class Router:
             if env.call in DRAIN_REFUSED and self.kernel.draining():
                 raise SyscallError(f"the kernel is shutting down: it admits no new work ({env.call})", "ECANCELED")
             args = codec.decode_args(syscall.decoder, env.args)
-            call = Call(self, rid, routing_id, caller)
+            call = Call(self, rid, routing_id, caller, env.call, t0)
             result = self._handlers[env.call](self.kernel, call, args)
             if result is not DEFERRED:
                 call.reply(result)
@@ -317,6 +323,11 @@ class Router:
         n = len(self._operator_key)
         return (len(routing_id) == 1 + n + 8 and routing_id.startswith(OPERATOR_PREFIX)
                 and hmac.compare_digest(routing_id[1:1 + n], self._operator_key))
+
+    def answered(self, call: Call) -> None:
+        """A call got its final answer: its latency goes to the metrics (calls of the ABI table only)."""
+        if call.t0 and self.metrics is not None:
+            self.metrics.observe(call.name, time.perf_counter() - call.t0)
 
     def forget_all(self) -> None:
         """Drop every cached identification (a config reload changed the groups); the next frame of each

@@ -45,6 +45,11 @@ def sys_status(k: "Kernel", call: Call, args: S.NoArgs):
     return k.status()
 
 
+def sys_metrics(k: "Kernel", call: Call, args: S.NoArgs):
+    """The kernel's Prometheus metrics, in the text exposition format (kernel/metrics.py)."""
+    return {"text": k.metrics.render().decode()}
+
+
 def proc_self(k: "Kernel", call: Call, args: S.NoArgs):
     record = dict(call.caller.record(), max_frame=k.config.kernel.max_frame)
     if call.caller.proc is not None and k.storage is not None:

@@ -38,6 +38,7 @@ TABLE: dict[str, Syscall] = {
         Syscall("sys.ping", "kernel.sys_proc:sys_ping", S.NoArgs, BASIC),
         Syscall("sys.shutdown", "kernel.sys_proc:sys_shutdown", S.NoArgs, ADMIN),
         Syscall("sys.status", "kernel.sys_proc:sys_status", S.NoArgs, ADMIN),
+        Syscall("sys.metrics", "kernel.sys_proc:sys_metrics", S.NoArgs, ADMIN),
         Syscall("proc.self", "kernel.sys_proc:proc_self", S.NoArgs, BASIC),
         Syscall("proc.ready", "kernel.sys_proc:proc_ready", S.Ready, BASIC),
         Syscall("proc.list", "kernel.sys_proc:proc_list", S.NoArgs, PROC),
