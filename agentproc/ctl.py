@@ -155,6 +155,50 @@ def cmd_status(c: Client, a) -> int:
     return 0
 
 
+def top_frame(st: dict, procs: list[dict], prev: dict, dt: float) -> str:
+    """One screen of ``aiosctl top``: the kernel, each engine, each live agent (CPU % and tokens/s from the
+    previous frame's figures in ``prev``, updated in place)."""
+    up = int(st["uptime_s"])
+    live = [p for p in procs if p["state"] in ("STARTING", "RUNNING")]
+    lines = [f"aiosd pid {st['pid']}  up {up // 3600}:{up // 60 % 60:02d}:{up % 60:02d}  "
+             f"{len(live)} live agents, {st['procs']['total']} in the table"]
+    for name, eng in st["llm"].items():
+        gen = eng.get("tokens_generated", 0)
+        rate = (gen - prev.get(("engine", name), gen)) / dt if dt else 0.0
+        prev[("engine", name)] = gen
+        lines.append(f"engine {name}: batch {eng.get('active', 0)}, waiting {eng.get('waiting', 0)}, KV cells "
+                     f"{eng.get('kv_cells_used', 0)}, {rate:.1f} tokens/s, evictions {eng.get('evictions', 0)}")
+    lines.append(f"{'ID':>5} {'NAME':<20} {'GROUP':<10} {'STATE':<8} {'CPU%':>6} {'RSS MB':>8} {'TOK/S':>7} "
+                 f"{'TOKENS':>8}")
+    for p in live:
+        u = p["usage"]
+        cpu, tokens = u.get("cpu_seconds", 0.0), u.get("llm_tokens", 0)
+        pcpu = 100 * (cpu - prev.get(("cpu", p["id"]), cpu)) / dt if dt else 0.0
+        ptok = (tokens - prev.get(("tok", p["id"]), tokens)) / dt if dt else 0.0
+        prev[("cpu", p["id"])], prev[("tok", p["id"])] = cpu, tokens
+        lines.append(f"{p['id']:>5} {p['name'][:20]:<20} {p['group'][:10]:<10} {p['state']:<8} {pcpu:>6.1f} "
+                     f"{u.get('rss_mb', 0.0):>8.1f} {ptok:>7.1f} {tokens:>8}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_top(c: Client, a) -> int:
+    """A live view of agents and engines; plain frames one after another when stdout is not a terminal."""
+    tty = sys.stdout.isatty() and not a.once
+    prev: dict = {}
+    last = None
+    n = 0
+    while True:
+        now = time.monotonic()
+        frame = top_frame(c.call("sys.status"), c.call("proc.list")["procs"], prev, now - last if last else 0.0)
+        last = now
+        sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + frame + ("" if tty else "\n"))
+        sys.stdout.flush()
+        n += 1
+        if a.once or (a.count and n >= a.count):
+            return 0
+        time.sleep(a.interval)
+
+
 def cmd_metrics(c: Client, a) -> int:
     """The kernel's Prometheus metrics (text exposition format), as a scraper would read them."""
     sys.stdout.write(c.call("sys.metrics")["text"])
@@ -297,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_status)
     sub.add_parser("shutdown", help="stop the kernel and its agents").set_defaults(fn=cmd_shutdown)
     sub.add_parser("metrics", help="the kernel's Prometheus metrics").set_defaults(fn=cmd_metrics)
+    p = sub.add_parser("top", help="a live view of agents (CPU, RSS, tokens/s) and engines")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default 2)")
+    p.add_argument("--once", action="store_true", help="one frame, then exit")
+    p.add_argument("-n", "--count", type=int, default=0, help="exit after N frames")
+    p.set_defaults(fn=cmd_top)
     sub.add_parser("reload", help="re-read the kernel's config (groups, access, kernel limits)").set_defaults(
         fn=cmd_reload)
     p = sub.add_parser("storage", help="read and write any agent's storage (its launch name is its namespace)")

@@ -189,8 +189,16 @@ class Proc:
             "layers": self.layers or {},
             "usage": {"syscalls": self.syscalls, "prompt_tokens": self.prompt_tokens,
                       "completion_tokens": self.completion_tokens,
-                      "llm_tokens": self.prompt_tokens + self.completion_tokens},
+                      "llm_tokens": self.prompt_tokens + self.completion_tokens, **self._sampled()},
         }
+
+    def _sampled(self) -> dict:
+        """The resource manager's latest sample of a live agent (RSS, CPU, disk), rounded."""
+        u = self.usage_sample
+        if u is None or not self.alive:
+            return {}
+        return {"rss_mb": round(u.rss_mb, 1), "cpu_seconds": round(u.cpu_seconds, 2), "disk_mb": round(u.disk_mb, 2),
+                "procs": u.procs, "open_files": u.open_files}
 
 
 class ProcTable:

@@ -74,3 +74,20 @@ def test_metrics_after_a_workload(tmp_path, model_path):
         assert value(scraped, 'aiosd_tool_calls_total{pool="calculator"}') >= 1
     finally:
         k.stop()
+
+
+def test_aiosctl_top_shows_agents_and_engines(kernel):
+    agent = kernel.spawn("import time\nfrom agentproc import llm\nllm.generate('Hi', max_tokens=4)\ntime.sleep(30)",
+                         name="topped")["id"]
+    deadline = time.monotonic() + 30
+    while kernel.record(agent)["usage"]["llm_tokens"] == 0 or "rss_mb" not in kernel.record(agent)["usage"]:
+        assert time.monotonic() < deadline, kernel.record(agent)
+        time.sleep(0.2)
+    out = subprocess.run([sys.executable, "-m", "agentproc.ctl", "--runtime-dir", str(kernel.runtime_dir), "top",
+                          "-n", "2", "--interval", "0.5"], capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "engine default: batch" in out.stdout and "RSS MB" in out.stdout
+    line = next(l for l in out.stdout.splitlines() if " topped " in l)
+    assert "RUNNING" in line and float(line.split()[5]) > 1  # RSS MB of a live Python process
+    assert out.stdout.count("aiosd pid") == 2  # two frames, plain text (not a terminal)
+    kernel.client.call("proc.kill", {"id": agent})
