@@ -103,12 +103,12 @@ kv_layout = "{layout}"
 
 # ---- aiosd -------------------------------------------------------------------------------------------------
 
-def run_aiosd(share: str, unified: bool = True) -> dict:
+def run_aiosd(share: str, layout: str = "auto") -> dict:
     """The fleet on a fresh kernel; ``share``: "agent" (the default) or "fleet" (all agents in one fleet);
-    ``unified``: one KV pool (``kv_unified``), or a KV stream per slot."""
+    ``layout``: ``[llm] kv_layout`` (auto: streams per agent, one pool when shared)."""
     kernel = start_kernel(KERNEL_CONFIG.format(procs=AGENTS + 8, slots=AGENTS + 8, active=min(AGENTS, 32),
                                                kv=32768, threads=THREADS, share=share,
-                                               layout="unified" if unified else "streams"))
+                                               layout=layout))
     try:
         kproc = psutil.Process(kernel.popen.pid)
         cpu0 = sum(kproc.cpu_times()[:2])
@@ -256,9 +256,10 @@ def main() -> dict:
           f"{bare['decode_tok_s']:.0f} tok/s", flush=True)
     res = {"agents": AGENTS, "turns": TURNS, "max_tokens": MAX_TOKENS, "threads": THREADS,
            "system_prompt_tokens": bare["system_tokens"], "bare_loop": bare}
+    # per_agent and shared run the default layout (auto); the *_unified / *_streams runs the other one.
     systems = {"per_agent": lambda: run_aiosd("agent"), "shared": lambda: run_aiosd("fleet"),
-               "per_agent_streams": lambda: run_aiosd("agent", False),
-               "shared_streams": lambda: run_aiosd("fleet", False), "server": lambda: run_server(model_path)}
+               "per_agent_unified": lambda: run_aiosd("agent", "unified"),
+               "shared_streams": lambda: run_aiosd("fleet", "streams"), "server": lambda: run_server(model_path)}
     chosen = os.environ.get("AIOSD_P0_SYSTEMS", ",".join(systems)).split(",")
     for name in chosen:
         r = systems[name]()
@@ -282,7 +283,7 @@ def main() -> dict:
               f"(efficiency {res['efficiency_per_agent']:.2f}) | llama_cpp.server {res['server']['wall_s']:.1f} s: "
               f"{res['speedup_vs_server_shared']:.2f}x / {res['speedup_vs_server_per_agent']:.2f}x faster",
               flush=True)
-    save("p0" if set(chosen) >= set(systems) - {"per_agent_streams", "shared_streams"} else "p0_partial", res)
+    save("p0" if set(chosen) >= set(systems) - {"per_agent_unified", "shared_streams"} else "p0_partial", res)
     return res
 
 
