@@ -10,3 +10,18 @@ def agent_result(output: str) -> dict:
     lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
     assert lines, output
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def config_error(tmp_path, text: str, words: str):
+    """Load ``text`` as a config file under ``tmp_path``: it must be refused with a ConfigError matching
+    ``words`` (a regular expression), which is returned; its message names the file."""
+    import pytest
+
+    from kernel.config import ConfigError, load
+
+    path = tmp_path / "aiosd.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=words) as err:
+        load(path)
+    assert str(path) in str(err.value)
+    return err.value

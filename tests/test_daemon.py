@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel import config
 from kernel.main import config_path
+from tests.helpers import config_error
 
 REPO = Path(__file__).resolve().parent.parent
 AIOSD = [sys.executable, "-m", "kernel.main"]
@@ -27,13 +27,9 @@ AIOSD = [sys.executable, "-m", "kernel.main"]
     ('[llm]\nkv_layout = "ring"', "kv_layout"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(tmp_path, text, words):
-    path = tmp_path / "aiosd.toml"
-    path.write_text(text + "\n")
-    with pytest.raises(config.ConfigError, match=words) as err:
-        config.load(path)
-    assert str(path) in str(err.value)
-    result = subprocess.run([*AIOSD, "--check-config", str(path)], capture_output=True, text=True, cwd=REPO,
-                            timeout=60)
+    config_error(tmp_path, text, words)
+    result = subprocess.run([*AIOSD, "--check-config", str(tmp_path / "aiosd.toml")], capture_output=True,
+                            text=True, cwd=REPO, timeout=60)
     assert result.returncode == 1 and words.split()[0] in result.stderr
 
 

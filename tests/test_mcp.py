@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_CONFIG, KernelProc
-from tests.helpers import agent_result
+from tests.helpers import agent_result, config_error
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -172,12 +172,7 @@ print("TOOK", time.monotonic() - t0, flush=True)
     ('[mcp.x]\ncommand = ["python"]\n[groups.g]\nprivileges = ["tools"]\ntools = ["y.*"]', "unknown tools"),
 ])
 def test_mcp_config_is_checked(tmp_path, section, error):
-    from kernel.config import ConfigError, load
-
-    path = tmp_path / "aiosd.toml"
-    path.write_text(section + "\n")
-    with pytest.raises(ConfigError, match=error):
-        load(path)
+    config_error(tmp_path, section, error)
 
 
 def test_a_group_may_name_an_mcp_servers_tools(tmp_path):
