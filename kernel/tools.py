@@ -503,26 +503,10 @@ def mcp_profile(cfg, profile: tuple) -> tuple[dict, dict]:
     no network unless ``profile`` has it, a read-only filesystem if ``profile`` says so, and beyond what agents
     may read: the program, the config's ``read`` paths and absolute file arguments, and the installed
     distributions of the ``mcp`` package and of the config's ``packages`` (with their requirements)."""
-    import os
-    import shutil
-    import sys
-    import sysconfig
+    from sandbox.policy import program_paths
 
-    from sandbox.policy import requirement_closure, site_entries
-
-    argv = list(cfg.command)
-    argv[0] = sys.executable if argv[0] == "python" else shutil.which(argv[0]) or argv[0]
-    read = [os.path.realpath(argv[0]), *cfg.read]
-    read += [a for a in argv[1:] if os.path.isabs(a) and os.path.isfile(a)]
-    if argv[0] == sys.executable and sysconfig.get_config_var("Py_ENABLE_SHARED"):  # its libpython, not another
-        lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
-        read += [os.path.realpath(lib)] if os.path.isfile(lib) else []
-    if sys.prefix != sys.base_prefix:  # a virtual environment: the interpreter finds its packages through this
-        read.append(os.path.join(sys.prefix, "pyvenv.cfg"))
-    dists = [d for name in ("mcp", *cfg.packages) for d in requirement_closure(name)]
-    read += site_entries(dict.fromkeys(dists))
-    # a new interpreter looks its standard library up by listing it (agents' imports were found before the sandbox)
-    listed = [os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")]
+    argv, read, listed = program_paths(cfg.command, ("mcp", *cfg.packages))
+    read = [*read, *cfg.read]
     spec = {"name": cfg.name, "command": argv, "env": dict(cfg.env)}
     return spec, {"allow_fork": True, "allow_exec": True, "network": "network" in profile,
                   "read_only": "read_only" in profile, "read_extra": tuple(dict.fromkeys(read)),

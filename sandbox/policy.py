@@ -250,6 +250,30 @@ def site_entries(dists) -> list[str]:
     return sorted(set(entries))
 
 
+def program_paths(command: list[str], dists) -> tuple[list[str], list[str], list[str]]:
+    """(argv, read, listed) to run ``command`` inside a sandbox, beyond what agents may read: the program
+    (``"python"`` is this interpreter, with its libpython and, in a virtual environment, ``pyvenv.cfg``),
+    absolute file arguments, the installed distributions ``dists`` with their requirements; and the standard
+    library to list (a new interpreter looks it up by listing; agents' imports were found before the sandbox).
+    For the kernel's own workers that run programs (MCP servers), never for agents."""
+    import shutil
+    import sys
+    import sysconfig
+
+    argv = list(command)
+    argv[0] = sys.executable if argv[0] == "python" else shutil.which(argv[0]) or argv[0]
+    read = [os.path.realpath(argv[0])]
+    read += [a for a in argv[1:] if os.path.isabs(a) and os.path.isfile(a)]
+    if argv[0] == sys.executable and sysconfig.get_config_var("Py_ENABLE_SHARED"):  # its libpython, not another
+        lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+        read += [os.path.realpath(lib)] if os.path.isfile(lib) else []
+    if sys.prefix != sys.base_prefix:
+        read.append(os.path.join(sys.prefix, "pyvenv.cfg"))
+    read += site_entries(dict.fromkeys(d for name in dists for d in requirement_closure(name)))
+    listed = [os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")]
+    return argv, read, listed
+
+
 @functools.lru_cache(maxsize=None)
 def requirement_closure(dist: str) -> tuple[str, ...]:
     """``dist`` and every installed distribution it needs, transitively, with the extras each requirement asks
