@@ -970,8 +970,7 @@ class Engine:
         for its logits."""
         limit = len(seq.tokens) - 1
         owner = seq.req.owner
-        with self._lock:
-            scopes = dict(self._scopes)
+        scopes = self._scopes  # written under the lock by enqueue; one dict lookup each is atomic (the GIL)
         scope = scopes.get(owner)
         best, src = MIN_REUSE - 1, None
         self._sessions = [s for s in self._sessions if not s.snapshot.dropped]
