@@ -216,10 +216,10 @@ def _mcp(name: str, spec, where: str) -> McpServer:
     if not MCP_NAME.fullmatch(name) or not isinstance(spec, dict):
         raise ConfigError(f"{where}: a table, named with 1-32 lower-case letters, digits, '_' or '-' (a letter "
                           "first): its tools are called NAME.TOOL")
-    server = McpServer(name=name)
-    _fill(server, {k: v for k, v in spec.items() if k != "name"}, where)
     if "name" in spec:
         raise ConfigError(f"{where}: unknown key 'name' (the section's name is the server's)")
+    server = McpServer(name=name)
+    _fill(server, spec, where)
     if not server.command or not all(isinstance(a, str) and a and "\0" not in a for a in server.command):
         raise ConfigError(f"{where}.command: a list of strings, the program first, e.g. "
                           "command = [\"python\", \"/srv/mcp/notes.py\"]")
