@@ -193,7 +193,7 @@ class ToolManager:
 
     def server_starting(self, name: str) -> bool:
         """Is ``name`` an unknown tool of an MCP server still starting for the first time?"""
-        server = self._servers.get(name.split(".", 1)[0]) if "." in name else None
+        server = self._server_of(name)
         return name not in self.tools and server is not None and server.state == "starting"
 
     def when_listed(self, answer) -> None:
@@ -208,7 +208,7 @@ class ToolManager:
         """The tool ``name`` if ``args`` fit its schema: ENOENT (no such tool), EINVAL (the offending field)."""
         tool = self.tools.get(name)
         if tool is None:
-            server = self._servers.get(name.split(".", 1)[0]) if "." in name else None
+            server = self._server_of(name)
             if server is not None and server.state != "ready":
                 raise ENOENT(f"no tool {name!r}: MCP server {server.config.name!r} is {server.state}"
                              + (f" ({server.error})" if server.error else ""))
@@ -370,6 +370,10 @@ class ToolManager:
                 for name, s in self._state.items()}
 
     # ---- internals ---------------------------------------------------------------------------------------
+
+    def _server_of(self, name: str) -> "_Server | None":
+        """The MCP server whose tool ``name`` (``SERVER.TOOL``) would be, if one is configured."""
+        return self._servers.get(name.split(".", 1)[0]) if "." in name else None
 
     def _finish(self, job: Job) -> None:
         self._jobs.pop(job.id, None)
