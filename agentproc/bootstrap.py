@@ -37,6 +37,8 @@ def main() -> None:
 
     layers = apply(policy, connect)  # cgroup, namespaces, rlimits, Landlock, caps, connect, uid, prctl, seccomp
     client.default().call("proc.ready", {"layers": layers})
+    from agentproc import openai_hook
+    openai_hook.install()  # `from openai import OpenAI` reaches the kernel over this connection (imports nothing)
     sys.argv = sys.argv[1:]  # [filename, *args], as if the program had been run directly
     try:
         runpy.run_path(program, run_name="__main__")

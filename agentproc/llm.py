@@ -1,11 +1,14 @@
 """LLM syscalls for agents: ``llm.generate(prompt, ...)`` and ``llm.chat(messages, ...)`` (docs/abi.md 4).
 
 Without ``stream`` they return a ``Completion``; with ``stream=True`` a ``TextStream`` that yields text pieces
-as the model produces them and holds the ``Completion`` in ``.completion`` once exhausted.
+as the model produces them and holds the ``Completion`` in ``.completion`` once exhausted.  The coroutines
+``agenerate`` and ``achat`` do the same without blocking an event loop (``async for piece in
+await llm.achat(..., stream=True)``); any number may be in flight from one agent, up to ``[kernel]
+max_pending`` (EAGAIN past it).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 from agentproc.client import Client, default
 
@@ -33,12 +36,21 @@ class Completion:
 
 
 class TextStream:
+    """The text pieces of a streamed generation, with ``for`` or ``async for``; ``completion`` once ended.
+    ``id`` is the request id (``cancel(stream.id)`` ends it early)."""
+
     def __init__(self, stream):
         self._stream = stream
+        self.id: int = stream.rid
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
         for chunk in self._stream:
+            yield chunk["text"]
+        self.completion = Completion(**self._stream.result)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async for chunk in self._stream:
             yield chunk["text"]
         self.completion = Completion(**self._stream.result)
 
@@ -48,6 +60,13 @@ def _call(name: str, args: dict, stream: bool, client: Client | None):
     if stream:
         return TextStream(client.stream(name, args))
     return Completion(**client.call(name, args))
+
+
+async def _acall(name: str, args: dict, stream: bool, client: Client | None):
+    client = client or default()
+    if stream:
+        return TextStream(client.stream(name, args))
+    return Completion(**await client.acall(name, args))
 
 
 def generate(prompt: str, *, stream: bool = False, client: Client | None = None, **params):
@@ -60,6 +79,28 @@ def chat(messages: list[dict], *, stream: bool = False, client: Client | None = 
     ``tools=["calculator", ...]`` (and ``tool_choice``) makes the model answer with a tool call whose arguments
     match the tool's schema: ``.tool_calls`` (docs/abi.md, llm.chat)."""
     return _call("llm.chat", {"messages": messages, **params}, stream, client)
+
+
+async def agenerate(prompt: str, *, stream: bool = False, client: Client | None = None, **params):
+    """``generate`` for coroutines: ``await llm.agenerate(prompt)`` -> ``Completion``; with ``stream=True``
+    a ``TextStream`` to read with ``async for``."""
+    return await _acall("llm.generate", {"prompt": prompt, **params}, stream, client)
+
+
+async def achat(messages: list[dict], *, stream: bool = False, client: Client | None = None, **params):
+    """``chat`` for coroutines: ``await llm.achat(messages)`` -> ``Completion``; with ``stream=True`` a
+    ``TextStream`` to read with ``async for``."""
+    return await _acall("llm.chat", {"messages": messages, **params}, stream, client)
+
+
+def cancel(request_id: int, *, client: Client | None = None) -> bool:
+    """End one of this agent's own requests in flight (a ``TextStream``'s ``id``); False if it had ended."""
+    return (client or default()).call("llm.cancel", {"id": request_id})["cancelled"]
+
+
+def models(*, client: Client | None = None) -> list[dict]:
+    """The models the kernel serves: ``[{"name", "default", "n_ctx_seq"}]`` (``model=NAME`` picks one)."""
+    return (client or default()).call("llm.models")["models"]
 
 
 def chat_all(requests: list[dict], *, client: Client | None = None) -> list:

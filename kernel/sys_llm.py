@@ -42,3 +42,9 @@ def llm_chat(k: "Kernel", call: Call, args: S.Chat):
 def llm_cancel(k: "Kernel", call: Call, args: S.Cancel):
     # Keyed by the caller's connection: a caller can only ever name its own requests.
     return {"cancelled": k.llm_cancel(call, args.id)}
+
+
+def llm_models(k: "Kernel", call: Call, args: S.NoArgs):
+    # Names and context sizes only: never the model files' paths (agents never see the model file).
+    return {"models": [{"name": name, "default": name == k.engine.default, "n_ctx_seq": k.engine.get(name).n_ctx_seq}
+                       for name in k.engine.names]}

@@ -165,12 +165,18 @@ def no_privileges() -> str:
 # engine (llama_cpp), and the base installation's site-packages whatever else was installed there.
 SDK_DISTRIBUTIONS = ("pyzmq", "msgspec", "msgpack")
 SDK_MODULES = ("zmq", "msgspec", "msgpack")
+# Libraries agents may import when installed, with their requirements: the official OpenAI client, which the SDK
+# answers in-process (agentproc/openai_api.py).  Read-only package code, nothing secret; importing costs only
+# the agents that do.
+AGENT_LIBRARIES = ("openai",)
 SITE_DIRS = ("site-packages", "dist-packages")
-# shared libraries, time zones, locales; a few files of /etc (never all of it: /etc/shadow is root's)
+# shared libraries, time zones, locales; a few files of /etc (never all of it: /etc/shadow is root's); the public
+# CA certificates (HTTP libraries load them when a client is made, even one that never opens a socket), never
+# /etc/ssl/private
 SYSTEM_READ = ("/lib64", "/usr/lib64", "/lib/*-linux-gnu*", "/usr/lib/*-linux-gnu*", "/usr/lib/locale",
                "/usr/share/zoneinfo", "/usr/share/locale", "/sys/devices/system/cpu",
                "/etc/ld.so.cache", "/etc/localtime", "/etc/timezone", "/etc/passwd", "/etc/group",
-               "/etc/nsswitch.conf", "/etc/mime.types", "/etc/os-release",
+               "/etc/nsswitch.conf", "/etc/mime.types", "/etc/os-release", "/etc/ssl/certs",
                "/dev/urandom", "/dev/random", "/dev/zero")
 SYSTEM_WRITE = ("/dev/null",)
 
@@ -220,7 +226,7 @@ def _sdk_site_entries() -> list[str]:
     """Top-level site-packages entries of the SDK's distributions (package dirs, bundled ``*.libs``)."""
     import importlib.util
 
-    entries = site_entries(SDK_DISTRIBUTIONS)
+    entries = site_entries(SDK_DISTRIBUTIONS + tuple(d for lib in AGENT_LIBRARIES for d in requirement_closure(lib)))
     for mod in SDK_MODULES:  # no metadata (e.g. a source install): the packages themselves
         spec = importlib.util.find_spec(mod)
         if spec and spec.origin:

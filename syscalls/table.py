@@ -48,6 +48,7 @@ TABLE: dict[str, Syscall] = {
         Syscall("llm.generate", "kernel.sys_llm:llm_generate", S.Generate, LLM),
         Syscall("llm.chat", "kernel.sys_llm:llm_chat", S.Chat, LLM),
         Syscall("llm.cancel", "kernel.sys_llm:llm_cancel", S.Cancel, LLM),
+        Syscall("llm.models", "kernel.sys_llm:llm_models", S.NoArgs, LLM),
         Syscall("storage.put", "kernel.sys_storage:storage_put", S.StoragePut, STORAGE),
         Syscall("storage.get", "kernel.sys_storage:storage_get", S.StorageGet, STORAGE),
         Syscall("storage.stat", "kernel.sys_storage:storage_stat", S.StorageKey, STORAGE),
