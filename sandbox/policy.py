@@ -166,9 +166,10 @@ def no_privileges() -> str:
 SDK_DISTRIBUTIONS = ("pyzmq", "msgspec", "msgpack")
 SDK_MODULES = ("zmq", "msgspec", "msgpack")
 # Libraries agents may import when installed, with their requirements: the official OpenAI client, which the SDK
-# answers in-process (agentproc/openai_api.py).  Read-only package code, nothing secret; importing costs only
-# the agents that do.
-AGENT_LIBRARIES = ("openai",)
+# answers in-process (agentproc/openai_api.py), and LangChain's client built on it (installed by the test extra).
+# Read-only package code, nothing secret; importing costs only the agents that do.  Anything else an agent
+# needs comes from an operator's virtual environment (docs/sdk.md).
+AGENT_LIBRARIES = ("openai", "langchain-openai", "psutil")  # psutil: langsmith imports it without requiring it
 SITE_DIRS = ("site-packages", "dist-packages")
 # shared libraries, time zones, locales; a few files of /etc (never all of it: /etc/shadow is root's); the public
 # CA certificates (HTTP libraries load them when a client is made, even one that never opens a socket), never

@@ -182,3 +182,21 @@ def test_async_client_three_in_flight(kernel):
     assert rec["exit_status"] == 0, out
     got = agent_result(out)
     assert len(got["texts"]) == 3 and all(got["texts"]) and got["pieces"] > 0
+
+
+def test_langchain_chat_openai_unmodified(kernel):
+    pytest.importorskip("langchain_openai", reason="langchain-openai is not installed (the test extra has it)")
+    rec, out = kernel.run("""
+        import json
+        from langchain_openai import ChatOpenAI
+        from langchain_core.messages import HumanMessage, SystemMessage
+        llm = ChatOpenAI(model="gpt-4o-mini", max_tokens=8, temperature=0)
+        r = llm.invoke([SystemMessage("Answer briefly."), HumanMessage("What is the capital of France?")])
+        pieces = [ch.content for ch in llm.stream("Say hello.")]
+        print("RESULT", json.dumps({"text": r.content, "tokens": r.usage_metadata["output_tokens"],
+                                    "pieces": pieces}))
+    """, timeout=120)
+    assert rec["exit_status"] == 0, out
+    got = agent_result(out)
+    assert got["text"] and 0 < got["tokens"] <= 8
+    assert "".join(got["pieces"])
