@@ -54,6 +54,11 @@ class TextStream:
             yield chunk["text"]
         self.completion = Completion(**self._stream.result)
 
+    def __await__(self):  # ``await llm.achat(..., stream=True)`` gives the stream itself
+        async def itself():
+            return self
+        return itself().__await__()
+
 
 def _call(name: str, args: dict, stream: bool, client: Client | None):
     client = client or default()
@@ -62,11 +67,20 @@ def _call(name: str, args: dict, stream: bool, client: Client | None):
     return Completion(**client.call(name, args))
 
 
-async def _acall(name: str, args: dict, stream: bool, client: Client | None):
+def _acall(name: str, args: dict, stream: bool, client: Client | None):
     client = client or default()
     if stream:
         return TextStream(client.stream(name, args))
-    return Completion(**await client.acall(name, args))
+
+    rid = client.send(name, args)  # sent now: requests made before the first await are in flight together
+
+    async def answer() -> Completion:
+        from agentproc.client import result_of
+        while True:
+            msg = await client.anext_message(rid)
+            if "seq" not in msg:
+                return Completion(**result_of(msg))
+    return answer()
 
 
 def generate(prompt: str, *, stream: bool = False, client: Client | None = None, **params):
@@ -81,16 +95,17 @@ def chat(messages: list[dict], *, stream: bool = False, client: Client | None = 
     return _call("llm.chat", {"messages": messages, **params}, stream, client)
 
 
-async def agenerate(prompt: str, *, stream: bool = False, client: Client | None = None, **params):
+def agenerate(prompt: str, *, stream: bool = False, client: Client | None = None, **params):
     """``generate`` for coroutines: ``await llm.agenerate(prompt)`` -> ``Completion``; with ``stream=True``
-    a ``TextStream`` to read with ``async for``."""
-    return await _acall("llm.generate", {"prompt": prompt, **params}, stream, client)
+    a ``TextStream``: ``async for piece in llm.agenerate(prompt, stream=True)``.  The request is sent at the
+    call, so several are in flight before the first ``await``."""
+    return _acall("llm.generate", {"prompt": prompt, **params}, stream, client)
 
 
-async def achat(messages: list[dict], *, stream: bool = False, client: Client | None = None, **params):
+def achat(messages: list[dict], *, stream: bool = False, client: Client | None = None, **params):
     """``chat`` for coroutines: ``await llm.achat(messages)`` -> ``Completion``; with ``stream=True`` a
-    ``TextStream`` to read with ``async for``."""
-    return await _acall("llm.chat", {"messages": messages, **params}, stream, client)
+    ``TextStream``: ``async for piece in llm.achat(messages, stream=True)``."""
+    return _acall("llm.chat", {"messages": messages, **params}, stream, client)
 
 
 def cancel(request_id: int, *, client: Client | None = None) -> bool:

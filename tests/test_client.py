@@ -77,8 +77,10 @@ def test_agent_has_three_requests_in_flight(kernel):
             first = await asyncio.gather(*[llm.achat([{"role": "user", "content": f"Say {w}."}], max_tokens=6)
                                            for w in ("one", "two", "three")])
             pieces = []
-            async for p in await llm.achat([{"role": "user", "content": "Hello"}], stream=True, max_tokens=8):
+            async for p in llm.achat([{"role": "user", "content": "Hello"}], stream=True, max_tokens=8):
                 pieces.append(p)
+            s = await llm.achat([{"role": "user", "content": "Hi"}], stream=True, max_tokens=4)
+            assert "".join([p async for p in s]) == s.completion.text
             gen = await llm.agenerate("The capital of France is", max_tokens=4)
             return [a.text for a in first], pieces, gen.text
 
