@@ -25,11 +25,11 @@ import msgpack
 
 # Every syscall in syscalls/table.py (tests/escape/test_fuzz.py checks that the two agree).
 SYSCALLS = ("sys.ping", "sys.shutdown", "sys.status", "sys.metrics", "proc.self", "proc.ready", "proc.list",
-            "proc.kill", "proc.spawn", "proc.logs", "llm.generate", "llm.chat", "llm.cancel", "storage.put", "storage.get",
-            "storage.stat", "storage.list", "storage.delete", "storage.versions", "storage.rollback", "memory.add",
-            "memory.get", "memory.list", "memory.delete", "memory.search", "memory.stats", "access.grant",
-            "access.revoke", "access.list", "access.pending", "access.decide", "tool.list", "tool.call", "tool.next",
-            "tool.done", "tool.register")
+            "proc.kill", "proc.spawn", "proc.logs", "llm.generate", "llm.chat", "llm.cancel", "llm.models",
+            "storage.put", "storage.get", "storage.stat", "storage.list", "storage.delete", "storage.versions",
+            "storage.rollback", "memory.add", "memory.get", "memory.list", "memory.delete", "memory.search",
+            "memory.stats", "access.grant", "access.revoke", "access.list", "access.pending", "access.decide",
+            "tool.list", "tool.call", "tool.next", "tool.done", "tool.register")
 KEYS = ("a", "notes/today.md", "../x", "/etc/passwd", "a/../../b", "a//b", "a/", ".", "..", ".aiosd/m", "a\x00b",
         "a\\b", "", "x" * 1025, "/".join(["d"] * 40), "\u202e", "ü/名前")
 LLM_CALLS = ("llm.generate", "llm.chat")

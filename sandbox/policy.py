@@ -169,7 +169,10 @@ SDK_MODULES = ("zmq", "msgspec", "msgpack")
 # answers in-process (agentproc/openai_api.py), and LangChain's client built on it (installed by the test extra).
 # Read-only package code, nothing secret; importing costs only the agents that do.  Anything else an agent
 # needs comes from an operator's virtual environment (docs/sdk.md).
-AGENT_LIBRARIES = ("openai", "langchain-openai", "psutil")  # psutil: langsmith imports it without requiring it
+AGENT_LIBRARIES = ("openai", "langchain-openai")
+# Imports a distribution makes when the other is installed without declaring it a requirement: without it in the
+# read set, the import fails with EACCES instead of ImportError (the library's fallback never runs).
+SOFT_REQUIREMENTS = {"anyio": ("sniffio",), "langsmith": ("psutil",), "httpx": ("sniffio",)}
 SITE_DIRS = ("site-packages", "dist-packages")
 # shared libraries, time zones, locales; a few files of /etc (never all of it: /etc/shadow is root's); the public
 # CA certificates (HTTP libraries load them when a client is made, even one that never opens a socket), never
@@ -300,6 +303,7 @@ def requirement_closure(dist: str) -> tuple[str, ...]:
         except md.PackageNotFoundError:
             continue
         seen.setdefault(name, set()).update(extras)
+        todo += [(soft, frozenset()) for soft in SOFT_REQUIREMENTS.get(name, ())]
         for req in requires:
             m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?", req)
             wants = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
