@@ -88,6 +88,11 @@ class KernelSection(Section):
     max_followers: Annotated[int, _range(1, 1024, "proc.logs follow streams one agent may hold")] = 8
     drain_s: Annotated[float, _range(0, DAY, "seconds work under way gets to finish at SIGTERM; 0: none")] = 30.0
     metrics_port: Annotated[int, _range(0, 65535, "0: off, else a TCP port on 127.0.0.1")] = 0
+    restart_delay_s: Annotated[float, _range(0, 3600, "seconds before a restart chain's first relaunch")] = 1.0
+    restart_delay_max_s: Annotated[float, _range(0, DAY, "seconds: the doubling relaunch delay's cap")] = 60.0
+    restart_burst: Annotated[int, _range(1, 1000, "relaunches within restart_interval_s before it is a crash "
+                                                  "loop")] = 5
+    restart_interval_s: Annotated[float, _range(1, DAY, "seconds: the crash-loop window")] = 300.0
 
 
 class LLMSection(Section):
@@ -364,6 +369,11 @@ def _check(cfg: Config, path) -> None:
     if sb.uid_base + sb.uid_count >= 2**31:
         raise ConfigError(f"{path}: [sandbox] uid_base = {sb.uid_base}, uid_count = {sb.uid_count}: the pool must end "
                           f"below 2^31 (uid_base + uid_count < {2**31})")
+    kc = cfg.kernel
+    if kc.restart_delay_max_s < kc.restart_delay_s:
+        raise ConfigError(f"{path}: [kernel] restart_delay_s = {kc.restart_delay_s}, restart_delay_max_s = "
+                          f"{kc.restart_delay_max_s}: expected restart_delay_s <= restart_delay_max_s (the delay doubles "
+                          "from the first up to the cap)")
     mem = cfg.memory
     if mem.evict_target > mem.evict_threshold:
         raise ConfigError(f"{path}: [memory] evict_target = {mem.evict_target}, evict_threshold = "

@@ -39,8 +39,12 @@ class KernelProc:
     """A running ``aiosd`` process and helpers to talk to it as an operator."""
 
     def __init__(self, tmp: Path, config: str = TEST_CONFIG, preexec_fn=None):
-        """``preexec_fn``: run in the kernel's process before it starts (e.g. to lower an rlimit)."""
+        """A kernel with its runtime dir, state dir (process table, and by default storage, memory and grants)
+        and config under ``tmp``; a second one on the same ``tmp`` is the same kernel restarted (``restarted``).
+        ``preexec_fn``: run in the kernel's process before it starts (e.g. to lower an rlimit)."""
+        self.tmp, self.config_text, self._preexec_fn = tmp, config, preexec_fn
         self.runtime_dir = tmp / "run"
+        self.state_dir = tmp / "state"
         self.config_path = tmp / "aiosd.toml"
         if "[storage]" not in config:  # each test kernel its own databases: tests never see each other's data
             config += f'\n[storage]\npath = "{tmp / "storage.db"}"\n'
@@ -51,10 +55,11 @@ class KernelProc:
         self.config_path.write_text(config)
         self.log_path = tmp / "aiosd.log"
         self.endpoint = codec.endpoint(str(self.runtime_dir))
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")  # a restarted kernel's log follows the earlier one's
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "kernel.main", "--runtime-dir", str(self.runtime_dir),
-             "--state-dir", str(STATE_DIR), "--config", str(self.config_path), "--log-level", "INFO"],
+             "--state-dir", str(self.state_dir), "--model", str(ensure_default_model(STATE_DIR)),
+             "--config", str(self.config_path), "--log-level", "INFO"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=preexec_fn,
         )
         self._clients: list[Client] = []
@@ -109,7 +114,7 @@ class KernelProc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rec = self.record(pid_)
-            if rec["state"] in ("EXITED", "KILLED"):
+            if rec["state"] in ("EXITED", "KILLED", "LOST"):
                 return rec
             time.sleep(0.05)
         raise AssertionError(f"process {pid_} still {rec['state']} after {timeout} s")
@@ -122,15 +127,34 @@ class KernelProc:
         rec = self.wait(self.spawn(source, **kw)["id"], timeout)
         return rec, self.output(rec["id"])
 
-    def stop(self, timeout: float = 15.0, drain: bool = False) -> int:
-        """SIGTERM the kernel -- twice, so that it does not drain, unless ``drain`` -- and wait; SIGKILL past
-        ``timeout``.  Returns its exit status."""
+    def kill9(self) -> int:
+        """SIGKILL the kernel (a crash: nothing is stopped in order) and wait for it; returns its status."""
+        self._close_clients()
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+        self._log.close()
+        return self.popen.returncode
+
+    def restarted(self) -> "KernelProc":
+        """A new kernel on the same runtime dir, state dir and config, once this one has ended (stopped if it
+        has not)."""
+        if self.popen.poll() is None:
+            self.stop()
+        return KernelProc(self.tmp, self.config_text, self._preexec_fn)
+
+    def _close_clients(self) -> None:
         for c in self._clients:
             try:
                 c.close()
             except Exception:
                 pass
         self._clients.clear()
+
+    def stop(self, timeout: float = 15.0, drain: bool = False) -> int:
+        """SIGTERM the kernel -- twice, so that it does not drain, unless ``drain`` -- and wait; SIGKILL past
+        ``timeout``.  Returns its exit status."""
+        self._close_clients()
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             if not drain:
