@@ -866,7 +866,7 @@ class Kernel:
                 pass
         except BlockingIOError:
             pass
-        events = self._events
+        events, charged = self._events, set()
         while events:
             request, kind, payload = events.popleft()
             if kind == "prepared":
@@ -888,10 +888,13 @@ class Kernel:
             if proc is not None and usage:  # cancelled, failed and killed requests are charged what they computed
                 proc.prompt_tokens += usage["prompt_tokens"]
                 proc.completion_tokens += usage["completion_tokens"]
+                charged.add(proc)
             if kind == "done":
                 call.reply(payload)
             else:
                 call.fail(payload.code, str(payload))
+        if charged:  # on disk at once: a kernel crash must not wipe tokens off a quota (docs/operating.md)
+            self._save(charged)
 
 
 def _joined(reason: str | None, more: str) -> str:
