@@ -45,7 +45,7 @@ n_seq_max = 4
 n_batch = 256
 """
 
-ENDED = ("EXITED", "KILLED")
+ENDED = ("EXITED", "KILLED", "LOST")
 
 
 def state_dir() -> Path:
@@ -221,17 +221,18 @@ class RawClient:
 class KernelProc:
     """A running ``aiosd`` process in directory ``tmp`` and helpers to talk to it as an operator.
 
-    ``config``: the config file's text (``TEST_CONFIG`` by default; see ``config_text``).  Unless it has its
+    Its runtime dir, state dir (process table, and by default storage, memory and grants) and config are under
+    ``tmp``; a second one on the same ``tmp`` is the same kernel restarted (``restarted``).  ``config``: the config file's text (``TEST_CONFIG`` by default; see ``config_text``).  Unless it has its
     own ``[storage]``, ``[memory]`` and ``[access]`` sections, their files go under ``tmp``: each kernel its
     own data.  ``preexec_fn`` runs in the kernel's process before it starts (e.g. to lower an rlimit).
     The constructor returns once the kernel answers ``sys.ping`` (RuntimeError with its log if it does not
     within ``ready_timeout`` s).  Always ``stop()`` it."""
 
-    def __init__(self, tmp: Path, config: str = TEST_CONFIG, preexec_fn=None, *,
-                 state: str | os.PathLike | None = None, ready_timeout: float = 60.0):
+    def __init__(self, tmp: Path, config: str = TEST_CONFIG, preexec_fn=None, *, ready_timeout: float = 60.0):
         tmp = Path(tmp)
-        self.dir = tmp
+        self.tmp, self.config_text, self._preexec_fn = tmp, config, preexec_fn
         self.runtime_dir = tmp / "run"
+        self.state_dir = tmp / "state"
         self.config_path = tmp / "aiosd.toml"
         if "[storage]" not in config:  # each test kernel its own databases: tests never see each other's data
             config += f'\n[storage]\npath = "{tmp / "storage.db"}"\n'
@@ -242,10 +243,12 @@ class KernelProc:
         self.config_path.write_text(config)
         self.log_path = tmp / "aiosd.log"
         self.endpoint = endpoint(str(self.runtime_dir))
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")  # a restarted kernel's log follows the earlier one's
+        # The embedded model, shared by every kit kernel, unless the config names its own.
+        model = [] if tomllib.loads(config).get("llm", {}).get("model") else ["--model", model_path()]
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "kernel.main", "--runtime-dir", str(self.runtime_dir),
-             "--state-dir", str(state or state_dir()), "--config", str(self.config_path), "--log-level", "INFO"],
+             "--state-dir", str(self.state_dir), *model, "--config", str(self.config_path), "--log-level", "INFO"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=PACKAGE_ROOT, preexec_fn=preexec_fn,
         )
         self._clients: list[Client] = []
@@ -348,9 +351,23 @@ class KernelProc:
         rec = self.wait(self.spawn(source, **kw)["id"], timeout)
         return rec, self.output(rec["id"])
 
-    def stop(self, timeout: float = 15.0, drain: bool = False) -> int:
-        """SIGTERM the kernel -- twice, so that it does not drain, unless ``drain`` -- and wait; SIGKILL past
-        ``timeout``.  Returns its exit status."""
+    def kill9(self) -> int:
+        """SIGKILL the kernel (a crash: nothing is stopped in order) and wait for it; returns its status."""
+        self._close_clients()
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+        self._log.close()
+        return self.popen.returncode
+
+    def restarted(self) -> "KernelProc":
+        """A new kernel on the same runtime dir, state dir and config, once this one has ended (stopped if it
+        has not)."""
+        if self.popen.poll() is None:
+            self.stop()
+        return KernelProc(self.tmp, self.config_text, self._preexec_fn)
+
+    def _close_clients(self) -> None:
         for c in [*self._clients, *self._raws]:
             try:
                 c.close()
@@ -358,6 +375,11 @@ class KernelProc:
                 pass
         self._clients.clear()
         self._raws.clear()
+
+    def stop(self, timeout: float = 15.0, drain: bool = False) -> int:
+        """SIGTERM the kernel -- twice, so that it does not drain, unless ``drain`` -- and wait; SIGKILL past
+        ``timeout``.  Returns its exit status."""
+        self._close_clients()
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             if not drain:
