@@ -38,11 +38,12 @@ n_batch = 256
 class KernelProc:
     """A running ``aiosd`` process and helpers to talk to it as an operator."""
 
-    def __init__(self, tmp: Path, config: str = TEST_CONFIG, preexec_fn=None):
+    def __init__(self, tmp: Path, config: str = TEST_CONFIG, preexec_fn=None, args=(), env: dict | None = None):
         """A kernel with its runtime dir, state dir (process table, and by default storage, memory and grants)
         and config under ``tmp``; a second one on the same ``tmp`` is the same kernel restarted (``restarted``).
-        ``preexec_fn``: run in the kernel's process before it starts (e.g. to lower an rlimit)."""
-        self.tmp, self.config_text, self._preexec_fn = tmp, config, preexec_fn
+        ``preexec_fn``: run in the kernel's process before it starts (e.g. to lower an rlimit); ``args``: more
+        ``aiosd`` arguments; ``env``: more environment variables."""
+        self.tmp, self.config_text, self._preexec_fn, self._args, self._env = tmp, config, preexec_fn, args, env
         self.runtime_dir = tmp / "run"
         self.state_dir = tmp / "state"
         self.config_path = tmp / "aiosd.toml"
@@ -59,8 +60,9 @@ class KernelProc:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "kernel.main", "--runtime-dir", str(self.runtime_dir),
              "--state-dir", str(self.state_dir), "--model", str(ensure_default_model(STATE_DIR)),
-             "--config", str(self.config_path), "--log-level", "INFO"],
+             "--config", str(self.config_path), "--log-level", "INFO", *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=preexec_fn,
+            env=dict(os.environ, **env) if env else None,
         )
         self._clients: list[Client] = []
         self.client = None  # made once the socket exists: the operator key is written before it
@@ -141,7 +143,7 @@ class KernelProc:
         has not)."""
         if self.popen.poll() is None:
             self.stop()
-        return KernelProc(self.tmp, self.config_text, self._preexec_fn)
+        return KernelProc(self.tmp, self.config_text, self._preexec_fn, self._args, self._env)
 
     def _close_clients(self) -> None:
         for c in self._clients:
