@@ -21,18 +21,11 @@ import sys  # noqa: E402
 
 from kernel import config as config_mod  # noqa: E402
 from kernel.kernel import Kernel, KernelError  # noqa: E402
-from kernel.models import ensure_default_model  # noqa: E402
+from kernel.models import default_state_dir, ensure_default_model, systemd_dir  # noqa: E402
 from syscalls.codec import default_runtime_dir as address_runtime_dir  # noqa: E402
 
 # syslog priorities of the logging levels, for journald's "<N>" line prefix (sd-daemon(3))
 PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-
-def _systemd_dir(name: str) -> str | None:
-    """The first directory systemd names in ``$name`` (``RUNTIME_DIRECTORY``, ``STATE_DIRECTORY``: a
-    colon-separated list when a unit asks for several), or None."""
-    value = os.environ.get(name, "")
-    return value.split(":")[0] or None
 
 
 def default_runtime_dir() -> str:
@@ -40,17 +33,7 @@ def default_runtime_dir() -> str:
     ``/tmp/aiosd-UID`` (syscalls.address.default_runtime_dir, which aiosctl uses too)."""
     if os.environ.get("AIOSD_RUNTIME_DIR"):
         return os.environ["AIOSD_RUNTIME_DIR"]
-    return _systemd_dir("RUNTIME_DIRECTORY") or address_runtime_dir()
-
-
-def default_state_dir() -> str:
-    """``$AIOSD_STATE_DIR``, else systemd's ``$STATE_DIRECTORY``, else ``$XDG_STATE_HOME/aiosd``, else
-    ``~/.local/state/aiosd``."""
-    env = os.environ.get("AIOSD_STATE_DIR") or _systemd_dir("STATE_DIRECTORY")
-    if env:
-        return env
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "aiosd")
+    return systemd_dir("RUNTIME_DIRECTORY") or address_runtime_dir()
 
 
 def config_path(given: str | None) -> str | None:

@@ -134,7 +134,7 @@ def test_journal_stream_counts_only_when_it_names_our_stderr(tmp_path):
 
 
 def test_the_kernel_logs_json_lines_with_journald_priorities(tmp_path, model_path):
-    from tests.conftest import KernelProc
+    from kernel.testing import KernelProc
 
     log = tmp_path / "aiosd.log"
     log.touch()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import TEST_CONFIG, KernelProc, pid_gone
+from kernel.testing import TEST_CONFIG, KernelProc, pid_gone
 
 FAST = TEST_CONFIG.replace("[kernel]", "[kernel]\nrestart_delay_s = 0.2\nrestart_delay_max_s = 0.8\n"
                                        "restart_burst = 3\nrestart_interval_s = 600\ndrain_s = 0")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 from tests.test_restart import chain, running, spawn, until
 
 pytestmark = pytest.mark.timeout(120)
