@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import pct, save, start_kernel
-from kernel.models import ensure_default_model
+from kernel.llm.model import ensure_default_model
 from tests.conftest import STATE_DIR
 
 AGENTS = int(os.environ.get("AIOSD_P0_AGENTS", 32))

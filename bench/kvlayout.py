@@ -8,7 +8,7 @@ import time
 
 from bench.common import median, save
 from bench.llm import BareLoop
-from kernel.models import ensure_default_model
+from kernel.llm.model import ensure_default_model
 from tests.conftest import STATE_DIR
 
 N_SEQ, ROUNDS, DECODE = 32, 2, 24

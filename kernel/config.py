@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 from kernel.resources import LIMIT_KEYS
-from kernel.scheduler import POLICIES
+from kernel.llm.scheduler import SCHEDULERS
 from syscalls.codec import DEFAULT_MAX_FRAME
 from syscalls.table import ADMIN, BASIC, LLM, MEMORY, PRIVILEGES, PROC, STORAGE, TOOLS, TOOLWORK
 
@@ -72,7 +72,7 @@ class LLMSection:
     max_active: int = 16     # sequences decoded together in one step (capped at n_seq_max)
     kv_size: int = 0         # KV cells shared by all sequences; 0: n_ctx_seq * max_active
     kv_layout: str = "auto"  # unified (one KV pool) | streams (a pool per slot) | auto (docs/engine.md)
-    scheduler: str = "fair"  # fifo | rr | fair (kernel/scheduler.py)
+    scheduler: str = "fair"  # fifo | rr | fair (kernel/llm/scheduler.py)
     rr_slice: int = 32       # tokens: rr's time slice, fair's hysteresis
     swap_ram_mb: int = 512   # evicted sequences' KV snapshots in RAM, then
     swap_disk_mb: int = 2048  # on disk in <runtime-dir>/swap (0: never spill)
@@ -310,8 +310,8 @@ def load(path: str | os.PathLike | None) -> Config:
         raise ConfigError(f"{path}: [kernel] max_frame must be at least 1024 bytes")
     if cfg.llm.n_seq_max < 1 or cfg.llm.n_ctx_seq < 64:
         raise ConfigError(f"{path}: [llm] needs n_seq_max >= 1 and n_ctx_seq >= 64")
-    if cfg.llm.scheduler not in POLICIES:
-        raise ConfigError(f"{path}: [llm] scheduler must be one of {', '.join(POLICIES)}, got {cfg.llm.scheduler!r}")
+    if cfg.llm.scheduler not in SCHEDULERS:
+        raise ConfigError(f"{path}: [llm] scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.llm.scheduler!r}")
     llm = cfg.llm
     if min(llm.max_active, llm.rr_slice, llm.prefill_chunk) < 1 or min(llm.kv_size, llm.swap_ram_mb,
                                                                         llm.swap_disk_mb) < 0:

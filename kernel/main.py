@@ -15,7 +15,7 @@ import sys  # noqa: E402
 
 from kernel import config as config_mod  # noqa: E402
 from kernel.kernel import Kernel, KernelError  # noqa: E402
-from kernel.models import ensure_default_model  # noqa: E402
+from kernel.llm.model import ensure_default_model  # noqa: E402
 from syscalls.codec import default_runtime_dir  # noqa: E402
 
 

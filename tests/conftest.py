@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agentproc.client import Client
-from kernel.models import ensure_default_model
+from kernel.llm.model import ensure_default_model
 from syscalls import codec
 
 REPO = Path(__file__).resolve().parent.parent
