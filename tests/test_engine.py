@@ -17,7 +17,7 @@ from agentproc.errors import ENOENT
 from kernel.llm import Engine, EngineError, Engines, SamplingParams
 from kernel.llm import engine as engine_mod
 from kernel.llm.text import Detokenizer
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 
 N_SEQ_MAX = 4
 N_CTX_SEQ = 1024

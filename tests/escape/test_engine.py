@@ -17,7 +17,7 @@ from kernel.llm import Engine, SamplingParams
 from kernel.llm.slots import SESSIONS_PER_OWNER
 from kernel.llm.scheduler import FairScheduler
 from agentproc.errors import E2BIG
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 from tests.escape.conftest import attack, kill, neighbour_of, wait_output
 from tests.test_engine import Sink, wait
 
