@@ -54,5 +54,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 STATE_DIR=${AIOSD_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/aiosd}
-"$PY" -m kernel.llm.model --state-dir "$STATE_DIR" --ensure-default
+"$PY" -m kernel.models --state-dir "$STATE_DIR" --ensure-default
 log "ready: $VENV (state dir $STATE_DIR)"

@@ -153,7 +153,7 @@ def test_second_kernel_on_the_same_state_dir_refuses(kernel_r, tmp_path):
     import subprocess
     import sys
 
-    from kernel.llm.model import ensure_default_model
+    from kernel.models import ensure_default_model
     from tests.conftest import REPO, STATE_DIR
     k = kernel_r["k"]
     r = subprocess.run([sys.executable, "-m", "kernel.main", "--runtime-dir", str(tmp_path / "other"),

@@ -9,7 +9,7 @@
 | ``slots.py`` | slots, KV residency, prefix reuse, eviction | ``server-context`` (slots) |
 | ``swap.py`` | snapshots of evicted sequences in RAM and on disk, exact restore | |
 | ``scheduler.py`` | who runs next (``fifo``, ``rr``, ``fair``), minimum quantum, shedding | |
-| ``model.py`` | model files, loading, tokenisation, chat templates | ``common`` |
+| ``model.py`` | model loading, tokenisation, chat templates (files: kernel/models.py) | ``common`` |
 | ``engine.py`` | the engine thread and its step loop; one hand-off of events a step | ``update_slots`` / ``examples/parallel`` |
 | ``models.py`` | the set of models the kernel serves | ``server-models`` |
 

