@@ -122,12 +122,33 @@ class AccessSection:
 
 @dataclass
 class ModelSection:
-    """``[models.NAME]``: another model to serve; 0 = as in ``[llm]``."""
-    path: str = ""
+    """``[models.NAME]``: another model to serve; 0 = as in ``[llm]``.  ``kind = "local"``: a GGUF file the
+    kernel loads (``path``); ``kind = "openai"``: a remote core, an OpenAI-compatible server (docs/remote.md)."""
+    kind: str = "local"        # local | openai
+    path: str = ""             # local: the GGUF file
     n_ctx_seq: int = 0
     n_seq_max: int = 0
     max_active: int = 0
     kv_size: int = 0
+    base_url: str = ""         # openai: the server's API root, e.g. http://10.0.0.5:8000/v1
+    model: str = ""            # openai: the server's name of the model; empty: NAME
+    api_key_file: str = ""     # openai: a file holding the key (read by the kernel at start) ...
+    api_key_env: str = ""      # ... or the kernel's environment variable holding it; neither: no key
+    concurrency: int = 4       # openai: requests in flight to the server, all agents together
+    agent_concurrency: int = 0  # openai: ... of which one agent may hold at most this many; 0: half, rounded up
+    tokens_per_s: int = 0      # openai: prompt + completion tokens a second, all agents together; 0: no limit
+    timeout_s: float = 120.0   # openai: the longest the server may send nothing (ETIMEDOUT)
+    connect_timeout_s: float = 5.0
+    retries: int = 2           # openai: a request that failed before anything was sent is tried again this often
+    breaker_failures: int = 5  # openai: this many failures in a row open the circuit breaker ...
+    breaker_s: float = 30.0    # ... for this long: requests fail at once (EIO), then one probe is let through
+    response_format: str = "json_schema"  # openai: how json_schema is sent: json_schema | json_object | none
+    completions: bool = True   # openai: the server offers /v1/completions (llm.generate); false: ENOTSUP
+    send_top_k: bool = True    # openai: send top_k (llama-server, vLLM, llama-cpp-python); false: not sent
+
+
+MODEL_KINDS = ("local", "openai")
+RESPONSE_FORMATS = ("json_schema", "json_object", "none")
 
 
 @dataclass
@@ -243,6 +264,30 @@ def _mcp(name: str, spec, where: str) -> McpServer:
     return server
 
 
+def _check_model(m: ModelSection, where: str) -> None:
+    """A ``[models.NAME]`` section's keys fit its kind, with their ranges."""
+    if m.kind not in MODEL_KINDS:
+        raise ConfigError(f"{where}: kind must be one of {', '.join(MODEL_KINDS)}, got {m.kind!r}")
+    if m.kind == "local":
+        if not m.path:
+            raise ConfigError(f"{where} needs `path = \"FILE.gguf\"` (or `kind = \"openai\"` and `base_url`)")
+        return
+    if m.path or not m.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: a remote core (kind = \"openai\") takes `base_url = \"http(s)://HOST:PORT/v1\"` "
+                          f"and no `path`; got base_url = {m.base_url!r}, path = {m.path!r}")
+    if m.api_key_file and m.api_key_env:
+        raise ConfigError(f"{where}: give api_key_file or api_key_env, not both")
+    if not (1 <= m.concurrency <= 1024 and 0 <= m.agent_concurrency <= m.concurrency and m.tokens_per_s >= 0
+            and 0 <= m.retries <= 10 and 1 <= m.breaker_failures <= 1000):
+        raise ConfigError(f"{where}: needs concurrency 1..1024, agent_concurrency 0..concurrency, tokens_per_s >= 0, "
+                          "retries 0..10, breaker_failures 1..1000")
+    if min(m.timeout_s, m.connect_timeout_s, m.breaker_s) <= 0 or max(m.timeout_s, m.connect_timeout_s) > 3600:
+        raise ConfigError(f"{where}: timeout_s and connect_timeout_s must be in (0, 3600], breaker_s above 0")
+    if m.response_format not in RESPONSE_FORMATS:
+        raise ConfigError(f"{where}: response_format must be one of {', '.join(RESPONSE_FORMATS)}, got "
+                          f"{m.response_format!r}")
+
+
 def load(path: str | os.PathLike | None) -> Config:
     """The configuration from ``path`` (TOML) over the defaults; the defaults alone when ``path`` is None."""
     cfg = Config()
@@ -268,8 +313,7 @@ def load(path: str | os.PathLike | None) -> Config:
                     raise ConfigError(f"{where}: a table with `path = ...`; the name 'default' is the [llm] model")
                 cfg.models[model] = ModelSection()
                 _fill(cfg.models[model], spec, where)
-                if not cfg.models[model].path:
-                    raise ConfigError(f"{where} needs `path = \"FILE.gguf\"`")
+                _check_model(cfg.models[model], where)
         elif name == "mcp" and isinstance(values, dict):
             for server, spec in values.items():
                 cfg.mcp[server] = _mcp(server, spec, f"{path}: [mcp.{server}]")

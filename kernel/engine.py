@@ -405,6 +405,8 @@ class Engine:
     ``prepare`` cost: an agent pays for the engine time its requests take, not only for their tokens.
     """
 
+    kind = "local"  # llm.models: a model the kernel runs itself (a remote core's is "openai": kernel/remote.py)
+
     def __init__(self, model_path: str, sink: Sink, *, n_ctx_seq: int = 2048, n_seq_max: int = 16,
                  n_threads: int | None = None, n_batch: int = 512, policy: Policy | str | None = None,
                  max_active: int | None = None, kv_size: int | None = None, rr_slice: int = 32,
@@ -1393,9 +1395,12 @@ class Engines:
                           swap_dir=os.path.join(swap_dir, name) if swap_dir else None, snapshots=llm.snapshots,
                           share_prefix=llm.share_prefix == "all", prefill_chunk=llm.prefill_chunk)
 
+        from kernel.remote import RemoteCore  # an OpenAI-compatible server as a core (docs/remote.md)
+
         engines = {DEFAULT_MODEL: make(DEFAULT_MODEL, model_path)}
         for name, section in models.items():
-            engines[name] = make(name, section.path, section)
+            engines[name] = (RemoteCore.from_config(name, section, llm, sink) if section.kind == "openai"
+                             else make(name, section.path, section))
         return cls(engines, llm.default_model or DEFAULT_MODEL)
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 CODES = (
     "EBADMSG", "EPROTO", "E2BIG", "ENOSYS", "EINVAL", "EPERM", "EACCES", "ENOENT",
-    "EAGAIN", "ETIMEDOUT", "EDQUOT", "ESTALE", "ETOOL", "ECANCELED", "EIO",
+    "EAGAIN", "ETIMEDOUT", "EDQUOT", "ESTALE", "ETOOL", "ECANCELED", "EIO", "ENOTSUP",
 )
 
 
@@ -53,3 +53,4 @@ ESTALE: type[SyscallError]
 ETOOL: type[SyscallError]
 ECANCELED: type[SyscallError]
 EIO: type[SyscallError]
+ENOTSUP: type[SyscallError]
