@@ -12,19 +12,23 @@ A grant names another agent (its launch name) or a privilege group (``"group:NAM
 from __future__ import annotations
 
 from agentproc.client import Client, default
+from agentproc.records import Grant
 
 
-def grant(to: str, *, mode: str = "read", prefix: str = "", client: Client | None = None) -> dict:
+def grant(to: str, *, mode: str = "read", prefix: str = "", client: Client | None = None) -> Grant:
     """Let ``to`` (an agent name or ``"group:NAME"``) ``mode`` ("read" or "read-write") this agent's namespace,
-    or its storage keys under ``prefix``.  Returns the grant (with its ``id``)."""
-    return (client or default()).call("access.grant", {"to": to, "mode": mode, "prefix": prefix})
+    or its storage keys under ``prefix``.  Returns the grant (with its ``id``); ``EINVAL`` for a bad ``to``,
+    ``mode`` or ``prefix``, or one's own name."""
+    return Grant((client or default()).call("access.grant", {"to": to, "mode": mode, "prefix": prefix}))
 
 
-def revoke(grant_id: int, *, client: Client | None = None) -> dict:
-    """Take grant ``grant_id`` back; from now on its grantee is refused (EACCES)."""
-    return (client or default()).call("access.revoke", {"id": grant_id})
+def revoke(grant_id: int, *, client: Client | None = None) -> Grant:
+    """Take grant ``grant_id`` back; from now on its grantee is refused (EACCES).  ``ENOENT`` unless it is a
+    grant on this agent's namespace.  Returns the grant as it was, with ``revoked: True``."""
+    return Grant((client or default()).call("access.revoke", {"id": grant_id}))
 
 
-def list(*, client: Client | None = None) -> dict:  # noqa: A001
+def list(*, client: Client | None = None) -> dict[str, list[Grant]]:  # noqa: A001
     """``{"granted": [grants on this namespace], "received": [grants to this agent or its group]}``."""
-    return (client or default()).call("access.list", {})
+    out = (client or default()).call("access.list", {})
+    return {k: [Grant(g) for g in v] if k in ("granted", "received") else v for k, v in out.items()}

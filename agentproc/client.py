@@ -14,7 +14,6 @@ would make the blocking API unusable beside it.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import threading
@@ -39,7 +38,14 @@ def encode_request(rid: int, call: str, args: dict | None = None) -> bytes:
         msg["args"] = args
     return _packb(msg)
 
-_UNSET: Any = object()
+class _Unset:
+    """The default of ``timeout=`` arguments: the client's own timeout (``None`` would mean wait forever)."""
+
+    def __repr__(self) -> str:
+        return "<the client's timeout>"
+
+
+_UNSET: Any = _Unset()
 _default: "Client | None" = None
 
 
@@ -129,6 +135,8 @@ class Client:
 
     async def anext_message(self, rid: int, timeout: float | None = _UNSET) -> dict:
         """As ``next_message``, without blocking the running event loop."""
+        import asyncio  # here, not at the top: already loaded in a coroutine, and 30 ms of every agent's start
+
         timeout = self.timeout if timeout is _UNSET else timeout
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -268,6 +276,7 @@ class Client:
         return AStream(self, self.send(call, dict(args or {}, stream=True)), timeout)
 
     def close(self) -> None:
+        """Close the connection and stop its reader thread; no call may be made on it afterwards."""
         with self._state:
             self._closed = True
             self._state.notify_all()
@@ -338,6 +347,7 @@ def connect(runtime_dir: str | None = None, *, timeout: float | None = None) -> 
 
 
 def install_default(client: Client) -> None:
+    """Make ``client`` the process's connection (``default()``); the bootstrap installs the agent's own."""
     global _default
     _default = client
 

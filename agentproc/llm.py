@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import AsyncIterator, Iterator
 
 from agentproc.client import Client, default
+from agentproc.records import Model
 
 
 class Completion:
@@ -113,9 +114,9 @@ def cancel(request_id: int, *, client: Client | None = None) -> bool:
     return (client or default()).call("llm.cancel", {"id": request_id})["cancelled"]
 
 
-def models(*, client: Client | None = None) -> list[dict]:
-    """The models the kernel serves: ``[{"name", "default", "n_ctx_seq"}]`` (``model=NAME`` picks one)."""
-    return (client or default()).call("llm.models")["models"]
+def models(*, client: Client | None = None) -> list[Model]:
+    """The models the kernel serves: ``[Model(name, default, n_ctx_seq)]`` (``model=NAME`` picks one)."""
+    return [Model(m) for m in (client or default()).call("llm.models")["models"]]
 
 
 def chat_all(requests: list[dict], *, client: Client | None = None) -> list:

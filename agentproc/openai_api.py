@@ -134,6 +134,8 @@ def _sampling(body: dict) -> dict:
     args: dict[str, Any] = {}
     if body.get("n") not in (None, 1):
         raise APIError(400, "n must be 1 (send several requests: the kernel batches them)", param="n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise APIError(400, "logprobs are not supported by this kernel", param="logprobs")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         args["max_tokens"] = max_tokens

@@ -58,6 +58,7 @@ class Value(Version):
 
     @property
     def text(self) -> str:
+        """The value decoded as UTF-8 (``UnicodeDecodeError`` for binary data: read ``data`` instead)."""
         return self.data.decode("utf-8")
 
 

@@ -13,11 +13,13 @@ message says which); ``ETIMEDOUT``: it ran past its time limit; ``EAGAIN``: its 
 from __future__ import annotations
 
 from agentproc.client import Client, default
+from agentproc.records import Tool
 
 
-def list(*, client: Client | None = None) -> list[dict]:  # noqa: A001
-    """Every tool: ``name``, ``description``, ``parameters`` (JSON Schema), ``limits``."""
-    return (client or default()).call("tool.list")["tools"]
+def list(*, client: Client | None = None) -> list[Tool]:  # noqa: A001
+    """Every tool this agent's group may use: ``name``, ``description``, ``parameters`` (JSON Schema),
+    ``limits``."""
+    return [Tool(t) for t in (client or default()).call("tool.list")["tools"]]
 
 
 def call(name: str, arguments: dict | None = None, /, *, client: Client | None = None, **args):

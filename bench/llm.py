@@ -26,10 +26,9 @@ import time
 import llama_cpp
 
 from bench.common import median, pct, save, start_kernel
+from kernel import testing
 from kernel.context import MB, ContextManager
 from kernel.engine import Engine, SamplingParams, _backend_init
-from kernel.models import ensure_default_model
-from tests.conftest import STATE_DIR
 
 ROUNDS = 3
 N_AGENTS, N_TOKENS = 32, 64
@@ -369,7 +368,7 @@ def p6() -> dict:
 
 
 def main() -> dict:
-    model_path = str(ensure_default_model(STATE_DIR))
+    model_path = testing.model_path()
     t0 = time.time()
     r1, r2 = p1_p2(model_path)
     r5 = p5(model_path)

@@ -15,17 +15,8 @@ import sys  # noqa: E402
 
 from kernel import config as config_mod  # noqa: E402
 from kernel.kernel import Kernel, KernelError  # noqa: E402
-from kernel.models import ensure_default_model  # noqa: E402
+from kernel.models import default_state_dir, ensure_default_model  # noqa: E402
 from syscalls.codec import default_runtime_dir  # noqa: E402
-
-
-def default_state_dir() -> str:
-    """``$AIOSD_STATE_DIR``, else ``$XDG_STATE_HOME/aiosd``, else ``~/.local/state/aiosd``."""
-    env = os.environ.get("AIOSD_STATE_DIR")
-    if env:
-        return env
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "aiosd")
 
 
 def config_path(given: str | None) -> str | None:

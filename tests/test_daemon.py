@@ -17,9 +17,9 @@ AIOSD = [sys.executable, "-m", "kernel.main"]
 
 
 @pytest.mark.parametrize("text, words", [
-    ("[sandbox]\nuid_base = 0", "uid_base must be at least 65536"),         # agents as root
-    ("[sandbox]\nuid_base = 1000", "uid_base must be at least 65536"),      # a login user
-    ("[sandbox]\nuid_count = 0", "uid_count 1..1000000"),
+    ("[sandbox]\nuid_base = 0", "uid_base = 0: expected an integer from 65536"),         # agents as root
+    ("[sandbox]\nuid_base = 1000", "uid_base = 1000: expected an integer from 65536"),   # a login user
+    ("[sandbox]\nuid_count = 0", "uid_count = 0: expected an integer from 1 to 1000000"),
     ("[sandbox]\nuid_base = 2147483000\nuid_count = 1000", r"below 2\^31"),
     ("[sandbox]\ncpu_quota = -1.0", "cpu_quota"),
     ("[llm]\nthreads = -2", "threads"),
@@ -31,6 +31,50 @@ def test_out_of_range_values_are_refused_naming_the_key(tmp_path, text, words):
     result = subprocess.run([*AIOSD, "--check-config", str(tmp_path / "aiosd.toml")], capture_output=True,
                             text=True, cwd=REPO, timeout=60)
     assert result.returncode == 1 and words.split()[0] in result.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    # a value of the wrong type: the key, the value as written, what is allowed
+    ("[kernel]\nmax_procs = true", r"\[kernel\] max_procs = true: expected an integer from 1 to 100000"),
+    ('[llm]\nn_ctx_seq = "big"', r'\[llm\] n_ctx_seq = "big": expected an integer from 64'),
+    ('[sandbox]\nextra_read = "/data"', r'\[sandbox\] extra_read = "/data": expected a list of strings'),
+    # out of range, above and below
+    ("[kernel]\ndrain_s = -1", r"\[kernel\] drain_s = -1: expected a number from 0 to 86400"),
+    ("[kernel]\nmetrics_port = 70000", r"\[kernel\] metrics_port = 70000: expected an integer from 0 to 65535"),
+    ("[storage]\nkeep_versions = 0", r"\[storage\] keep_versions = 0: expected an integer from 1"),
+    ("[memory]\nevict_threshold = 1.5", r"\[memory\] evict_threshold = 1.5: expected a number from 0 to 1"),
+    ("[access]\nconfirm_timeout_s = 0", r"\[access\] confirm_timeout_s = 0: expected an integer from 1"),
+    ('[mcp.x]\ncommand = ["python"]\ntimeout_s = 0', r"\[mcp.x\] timeout_s = 0: expected a number above 0"),
+    ('[models.m]\npath = "/m.gguf"\nn_seq_max = -1', r"\[models.m\] n_seq_max = -1: expected an integer from 0"),
+    ('[groups.g]\nprivileges = ["llm"]\npriority = 1000', r"\[groups.g\] priority = 1000: expected an integer "
+                                                         "from -100 to 100"),
+    ('[groups.g]\nprivileges = ["llm"]\nlimits = { procs = 0 }', r"\[groups.g\] limits.procs = 0: expected an "
+                                                                 "integer from 1 to 4096"),
+    # a word not in the list, in a list
+    ('[llm]\nscheduler = "lottery"', r'\[llm\] scheduler = "lottery": expected one of fifo, rr, fair'),
+    ('[access]\nconfirm = ["delete", "rename"]', r'\[access\] confirm\[1\] = "rename": expected one of delete, '
+                                                 "overwrite, cross_write"),
+    ('[groups.g]\nprivileges = ["llm", "root"]', r'\[groups.g\] privileges\[1\] = "root": expected one of basic'),
+    # unknown and missing keys, unknown sections
+    ("[sandbox]\nuid_bsae = 300000", r"\[sandbox\]: unknown key 'uid_bsae'; known keys: uids, uid_base"),
+    ('[groups.g]\nprivileges = ["llm"]\nlimits = { memory_gb = 1 }', r"unknown key 'limits.memory_gb'; known keys: "
+                                                                    "memory_mb"),
+    ("[groups.g]\npriority = 1", r"\[groups.g\]: privileges is required: a list of items, each one of basic"),
+    ("[kernal]\nmax_procs = 3", r"unknown section \[kernal\]; known: \[kernel\]"),
+    ("kernel = 3", r"\[kernel\]: expected a table"),
+    # checks across keys
+    ("[memory]\nevict_target = 0.9", r"evict_target = 0.9, evict_threshold = 0.8: expected evict_target <= "),
+    ('[models.m]\npath = "/m.gguf"\nn_ctx_seq = 10', r"\[models.m\] n_ctx_seq = 10: expected 0"),
+])
+def test_every_kind_of_invalid_value_names_file_key_value_and_what_is_allowed(tmp_path, text, words):
+    config_error(tmp_path, text, words)
+
+
+def test_the_docs_list_every_key_with_its_range():
+    from kernel.config import ranges
+
+    doc = (REPO / "docs" / "config.md").read_text()
+    assert all(line in doc for line in ranges()), [line for line in ranges() if line not in doc]
 
 
 def test_check_config_accepts_a_valid_file_and_the_search_path_finds_it(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 from agentproc.errors import ENOENT
 from kernel import engine as engine_mod
 from kernel.engine import Engine, EngineError, Engines, SamplingParams, TextStream
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 
 N_SEQ_MAX = 4
 N_CTX_SEQ = 1024

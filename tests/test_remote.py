@@ -9,8 +9,8 @@ import time
 import pytest
 
 from agentproc.errors import ECANCELED, EIO, ENOTSUP
-from tests.conftest import TEST_CONFIG, KernelProc
-from tests.helpers import FaultProxy, LlamaServer, agent_result
+from kernel.testing import TEST_CONFIG, FaultProxy, KernelProc, LlamaServer
+from tests.helpers import agent_result
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -201,9 +201,9 @@ def test_remote_config_is_checked(tmp_path):
 
     config_error(tmp_path, '[models.r]\nkind = "openai"\n', "base_url")
     config_error(tmp_path, '[models.r]\nkind = "openai"\nbase_url = "ftp://x"\n', "base_url")
-    config_error(tmp_path, '[models.r]\nkind = "cloud"\n', "kind must be one of")
+    config_error(tmp_path, '[models.r]\nkind = "cloud"\n', "expected one of local, openai")
     config_error(tmp_path, '[models.r]\nkind = "openai"\nbase_url = "http://x/v1"\nconcurrency = 0\n',
-                 "concurrency 1..1024")
+                 "concurrency = 0: expected an integer from 1")
     config_error(tmp_path, '[models.r]\nkind = "openai"\nbase_url = "http://x/v1"\napi_key_file = "a"\n'
                  'api_key_env = "B"\n', "not both")
     config_error(tmp_path, '[models.r]\nkind = "openai"\nbase_url = "http://x/v1"\nresponse_format = "xml"\n',

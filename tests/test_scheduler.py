@@ -288,5 +288,5 @@ def test_kv_layout_auto_follows_prefix_sharing(tmp_path):
         path.write_text(f"[llm]\n{text}\n")
         assert kv_unified(config.load(path).llm) is unified, text
     path.write_text('[llm]\nkv_layout = "sparse"\n')
-    with pytest.raises(config.ConfigError, match="auto, unified or streams"):
+    with pytest.raises(config.ConfigError, match="auto, unified, streams"):
         config.load(path)

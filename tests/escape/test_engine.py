@@ -16,7 +16,7 @@ import pytest
 from kernel.engine import SESSIONS_PER_OWNER, Engine, SamplingParams
 from kernel.scheduler import FairPolicy
 from agentproc.errors import E2BIG
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 from tests.escape.conftest import attack, kill, neighbour_of, wait_output
 from tests.test_engine import Sink, wait
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from tests.conftest import TEST_CONFIG, KernelProc
 from tests.escape.conftest import attack, denied, need, neighbour_of, spawn, wait_output
-from tests.helpers import FaultProxy, LlamaServer, agent_result
+from kernel.testing import TEST_CONFIG, FaultProxy, KernelProc, LlamaServer
+from tests.helpers import agent_result
 
 pytestmark = pytest.mark.timeout(180)
 
