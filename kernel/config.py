@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from kernel.scheduler import POLICIES
+from kernel.llm.scheduler import SCHEDULERS
 from syscalls.codec import DEFAULT_MAX_FRAME
 from syscalls.schemas import Limits
 from syscalls.table import ADMIN, BASIC, LLM, MEMORY, PRIVILEGES, PROC, STORAGE, TOOLS, TOOLWORK
@@ -108,7 +108,7 @@ class LLMSection(Section):
     max_active: Annotated[int, _range(1, 4096, "sequences decoded together")] = 16
     kv_size: Annotated[int, _range(0, 1 << 26, "KV cells; 0: n_ctx_seq * max_active")] = 0
     kv_layout: Literal[KV_LAYOUTS] = "auto"
-    scheduler: Literal[POLICIES] = "fair"
+    scheduler: Literal[SCHEDULERS] = "fair"
     rr_slice: Annotated[int, _range(1, 1 << 16, "tokens")] = 32
     swap_ram_mb: Annotated[int, _range(0, 1 << 20, "MB of evicted KV kept in RAM")] = 512
     swap_disk_mb: Annotated[int, _range(0, 1 << 24, "MB of evicted KV spilled to disk; 0: never spill")] = 2048
@@ -260,7 +260,7 @@ def _plural(words: str) -> str:
 
 
 # Literal values in the order they are documented in (msgspec.inspect sorts them)
-_ORDER = {frozenset(t): t for t in (KV_LAYOUTS, POLICIES, SHARE_SCOPES, CONFIRMS, MCP_CONFIRMS, PRIVILEGES)}
+_ORDER = {frozenset(t): t for t in (KV_LAYOUTS, SCHEDULERS, SHARE_SCOPES, CONFIRMS, MCP_CONFIRMS, PRIVILEGES)}
 
 
 def allowed(info) -> str:

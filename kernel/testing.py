@@ -226,13 +226,15 @@ class KernelProc:
     Its runtime dir, state dir (process table, and by default storage, memory and grants) and config are under
     ``tmp``; a second one on the same ``tmp`` is the same kernel restarted (``restarted``).  ``config``: the config file's text (``TEST_CONFIG`` by default; see ``config_text``).  Unless it has its
     own ``[storage]``, ``[memory]`` and ``[access]`` sections, their files go under ``tmp``: each kernel its
-    own data.  ``preexec_fn`` runs in the kernel's process before it starts (e.g. to lower an rlimit).
+    own data.  ``preexec_fn`` runs in the kernel's process before it starts (e.g. to lower an rlimit);
+    ``args``: more ``aiosd`` arguments; ``env``: more environment variables for it.
     The constructor returns once the kernel answers ``sys.ping`` (RuntimeError with its log if it does not
     within ``ready_timeout`` s).  Always ``stop()`` it."""
 
-    def __init__(self, tmp: Path, config: str = TEST_CONFIG, preexec_fn=None, *, ready_timeout: float = 60.0):
+    def __init__(self, tmp: Path, config: str = TEST_CONFIG, preexec_fn=None, *, ready_timeout: float = 60.0,
+                 args=(), env: dict | None = None):
         tmp = Path(tmp)
-        self.tmp, self.config_text, self._preexec_fn = tmp, config, preexec_fn
+        self.tmp, self.config_text, self._preexec_fn, self._args, self._env = tmp, config, preexec_fn, args, env
         self.runtime_dir = tmp / "run"
         self.state_dir = tmp / "state"
         self.config_path = tmp / "aiosd.toml"
@@ -250,8 +252,10 @@ class KernelProc:
         model = [] if tomllib.loads(config).get("llm", {}).get("model") else ["--model", model_path()]
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "kernel.main", "--runtime-dir", str(self.runtime_dir),
-             "--state-dir", str(self.state_dir), *model, "--config", str(self.config_path), "--log-level", "INFO"],
+             "--state-dir", str(self.state_dir), *model, "--config", str(self.config_path), "--log-level", "INFO",
+             *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=PACKAGE_ROOT, preexec_fn=preexec_fn,
+            env=dict(os.environ, **env) if env else None,
         )
         self._clients: list[Client] = []
         self._raws: list[RawClient] = []
@@ -367,7 +371,7 @@ class KernelProc:
         has not)."""
         if self.popen.poll() is None:
             self.stop()
-        return KernelProc(self.tmp, self.config_text, self._preexec_fn)
+        return KernelProc(self.tmp, self.config_text, self._preexec_fn, args=self._args, env=self._env)
 
     def _close_clients(self) -> None:
         for c in [*self._clients, *self._raws]:

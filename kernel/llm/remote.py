@@ -1,7 +1,7 @@
 """Remote LLM cores: an OpenAI-compatible server (vLLM, llama-server, llama-cpp-python's server, a hosted API)
 served to agents exactly like a model the kernel loads itself (docs/remote.md).
 
-``RemoteCore`` offers the kernel what ``kernel.engine.Engine`` offers: ``prepare`` (on the preparer's worker:
+``RemoteCore`` offers the kernel what ``kernel.llm.engine.Engine`` offers: ``prepare`` (on the preparer's worker:
 check the arguments, build the HTTP body), ``enqueue`` (queue it with its owner, priority and key),
 ``cancel``/``cancel_key``/``cancel_owner``, ``stats``, ``start``/``close``, and the same sink events
 (``chunk``, then exactly one ``done`` or ``error`` carrying ``usage``).  So every request for it passes the
@@ -9,7 +9,7 @@ same syscall handlers, privilege checks, quotas and accounting.
 
 Scheduling.  Instead of batch slots a remote core has a concurrency budget: at most ``concurrency`` requests in
 flight to the server, at most ``agent_concurrency`` of them one agent's.  Whenever a request ends, the kernel's
-``[llm] scheduler`` policy (kernel/scheduler.py) picks who gets the freed place among the waiting requests --
+``[llm] scheduler`` policy (kernel/llm/scheduler.py) picks who gets the freed place among the waiting requests --
 with ``fair``, the agent that has been served least -- so one agent's burst cannot take the server from the
 others.  The policy is charged the prompt tokens at admission and each completion token as it arrives.
 ``tokens_per_s`` is a token bucket in front of admission (a provider's rate limit): a request reserves its
@@ -43,9 +43,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from kernel.engine import CHAT_ROLES, EngineError, SamplingParams, check_params
-from kernel.grammar import SchemaError, check_schema
-from kernel.scheduler import Policy, make_policy
+from kernel.llm.grammar import SchemaError, check_schema
+from kernel.llm.model import CHAT_ROLES
+from kernel.llm.request import EngineError, SamplingParams, check_params
+from kernel.llm.scheduler import Scheduler, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ _IDS = itertools.count(1)
 
 
 class RemoteRequest:
-    """One request for a remote core; the caller treats it as an opaque handle (as ``kernel.engine.Request``:
+    """One request for a remote core; the caller treats it as an opaque handle (as ``kernel.llm.request.Request``:
     ``owner``, ``tag``, ``key``, ``priority`` are what the caller passed, ``model`` names the core)."""
 
     __slots__ = ("id", "owner", "tag", "key", "stream", "priority", "model", "path", "body", "estimate",
@@ -97,7 +98,7 @@ class RemotePrepared:
 
 class RemoteCore:
     """An OpenAI-compatible server as an LLM core (see the module docstring).  Thread-safe public methods;
-    ``sink(request, kind, payload)`` is called from the core's own thread."""
+    ``sink([(request, kind, payload)])`` is called from the core's own thread, one event a call."""
 
     kind = KIND
     kv_size = 0  # no KV cells of the kernel's
@@ -107,7 +108,7 @@ class RemoteCore:
                  tokens_per_s: int = 0, timeout_s: float = 120.0, connect_timeout_s: float = 5.0,
                  retries: int = 2, breaker_failures: int = 5, breaker_s: float = 30.0,
                  response_format: str = "json_schema", completions: bool = True, send_top_k: bool = True,
-                 policy: Policy | str | None = "fair", rr_slice: int = 32, clock=time.monotonic):
+                 policy: Scheduler | str | None = "fair", rr_slice: int = 32, clock=time.monotonic):
         self.name = name
         self.base_url = base_url.rstrip("/") + "/"
         self.model = model or name
@@ -123,7 +124,7 @@ class RemoteCore:
         self._sink = sink
         self._clock = clock
         if isinstance(policy, str) or policy is None:
-            policy = make_policy(policy or "fair", rr_slice=rr_slice)
+            policy = make_scheduler(policy or "fair", rr_slice=rr_slice)
         self._policy = policy
         self._lock = threading.Lock()
         self._pending: dict[int, RemoteRequest] = {}  # waiting + running, by id
@@ -600,7 +601,7 @@ class RemoteCore:
 
     def _emit(self, req: RemoteRequest, kind: str, payload) -> None:
         try:
-            self._sink(req, kind, payload)
+            self._sink([(req, kind, payload)])
         except Exception:  # the sink is the caller's; its failure must not stop the core
             log.exception("remote core sink failed on %s event of request %d", kind, req.id)
 
