@@ -2,7 +2,7 @@
 
 The main thread runs ``Kernel.serve()``: it polls the router socket, the engine's wake-up pipe, the signal
 wake-up socket and every agent's output pipes, and reacts.  The LLM engine runs in its own thread and talks
-back only through ``_on_engine_event`` (a deque plus a one-byte wake-up), so every socket is touched by the
+back only through ``_on_engine_events`` (a deque plus one one-byte wake-up a step), so every socket is touched by the
 main thread alone.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import msgspec
 import zmq
 
 from kernel.config import Config, ConfigError, load as load_config
-from kernel.engine import EngineError, Engines, SamplingParams
+from kernel.llm import EngineError, Engines, SamplingParams
 from kernel.access import Audit, Grants, Pending
 from kernel.memory import MemoryManager
 from kernel import toolcalls
@@ -147,7 +147,7 @@ class Kernel:
         become_subreaper()
         try:
             self.engine = Engines.from_config(self.config.llm, self.config.models, self.model_path,
-                                              self._on_engine_event, swap_dir=str(self.runtime_dir / "swap"))
+                                              self._on_engine_events, swap_dir=str(self.runtime_dir / "swap"))
             self.engine.start()
             self.preparer = Worker(self._on_prepared, name="aiosd-prep", stack_bytes=PREP_STACK_BYTES)
         except EngineError as exc:
@@ -682,7 +682,7 @@ class Kernel:
 
     def _on_offloaded(self, call: Call, result, error: BaseException | None) -> None:
         """A worker thread: hand the outcome to the main thread, as engine events are."""
-        self._on_engine_event(call, "offloaded", (result, error))
+        self._on_engine_events([(call, "offloaded", (result, error))])
 
     def _offload_done(self, call: Call, result, error: BaseException | None) -> None:
         """Main thread: answer an offloaded call (unless it was answered already: its agent ended)."""
@@ -827,7 +827,7 @@ class Kernel:
 
     def _on_prepared(self, call: Call, prep, error: BaseException | None) -> None:
         """Preparer worker: hand the outcome to the main thread, as engine events are."""
-        self._on_engine_event(call, "prepared", (prep, error))
+        self._on_engine_events([(call, "prepared", (prep, error))])
 
     def _prepared(self, call: Call, prep, error: BaseException | None) -> None:
         """Main thread: queue a prepared request on its engine, or answer why it cannot run."""
@@ -859,9 +859,10 @@ class Kernel:
             call.reserved = len(prep.tokens) + prep.params.max_tokens
             proc.reserved_tokens += call.reserved
 
-    def _on_engine_event(self, request, kind: str, payload) -> None:
-        """Engine thread: hand the event to the main thread."""
-        self._events.append((request, kind, payload))
+    def _on_engine_events(self, events: list) -> None:
+        """Engine (or worker) thread: hand a step's events, ``[(request, kind, payload)]``, to the main thread --
+        one wake-up for all of them."""
+        self._events.extend(events)
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:  # the pipe is full, so the main thread is already due to wake
