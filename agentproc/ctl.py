@@ -525,7 +525,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", default="default")
     p.add_argument("--fleet", help="launch it in this fleet: with [llm] share_prefix = \"fleet\", agents of one "
                                    "fleet reuse each other's cached prompts (docs/engine.md)")
-    p.add_argument("--wait", action="store_true", help="stream its output and exit with its status")
     p.add_argument("--trace", action="store_true", help="record its syscalls (read them with `aiosctl trace ID`)")
     p.add_argument("--wait", action="store_true", help="stream its output (across relaunches and kernel restarts) "
                                                        "and exit with its status")
