@@ -33,8 +33,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import pct, save, start_kernel
-from kernel.models import ensure_default_model
-from tests.conftest import STATE_DIR
+from kernel import testing
 
 AGENTS = int(os.environ.get("AIOSD_P0_AGENTS", 32))
 TURNS = int(os.environ.get("AIOSD_P0_TURNS", 3))
@@ -247,7 +246,7 @@ def bare_speeds(model_path: str) -> dict:
 
 
 def main() -> dict:
-    model_path = str(ensure_default_model(STATE_DIR))
+    model_path = testing.model_path()
     t0 = time.time()
     print(f"P0: {AGENTS} agents x {TURNS} turns, {MAX_TOKENS} tokens an answer, one shared system prompt",
           flush=True)

@@ -8,8 +8,7 @@ import time
 
 from bench.common import median, save
 from bench.llm import BareLoop
-from kernel.models import ensure_default_model
-from tests.conftest import STATE_DIR
+from kernel import testing
 
 N_SEQ, ROUNDS, DECODE = 32, 2, 24
 TEXT = ("The history of the city goes back two thousand years, to a fishing village on the river, and every "
@@ -17,7 +16,7 @@ TEXT = ("The history of the city goes back two thousand years, to a fishing vill
 
 
 def main(contexts=(128, 640)) -> dict:
-    model_path = str(ensure_default_model(STATE_DIR))
+    model_path = testing.model_path()
     res = {"n_seq": N_SEQ, "decode_tokens": DECODE}
     for context in contexts:
         speeds = {"unified": [], "streams": []}

@@ -9,7 +9,7 @@ P1  32 agent processes x 64 tokens, started together: aggregate tokens/s of a ke
 P2  the P1 batched kernel's tokens/s against a bare llama.cpp batched-decode loop (ctypes, sampling in C) doing
     the same work at the same batch size with the same context settings.  Goal >= 90 %.  Also measured: the same
     32 requests sent by one operator process (no agent processes for the kernel to supervise).
-P5  resuming an evicted 1,024-token context (``llama_state_seq_set_data`` of its snapshot, kernel/context.py)
+P5  resuming an evicted 1,024-token context (``llama_state_seq_set_data`` of its snapshot, kernel/llm/swap.py)
     against recomputing it (prefill of its 1,024 tokens); from RAM and spilled to disk.  Goal >= 100x.
     Secondary: a request's latency when its owner's 1k-token session was evicted, against the same request cold.
 P6  p99 latency of short requests (8 tokens) sent one after another by one agent while 8 agents' long
@@ -26,10 +26,10 @@ import time
 import llama_cpp
 
 from bench.common import median, pct, save, start_kernel
-from kernel.context import MB, ContextManager
-from kernel.engine import Engine, SamplingParams, _backend_init
-from kernel.models import ensure_default_model
-from tests.conftest import STATE_DIR
+from kernel import testing
+from kernel.llm import Engine, SamplingParams
+from kernel.llm.model import backend_init
+from kernel.llm.swap import MB, Swap
 
 ROUNDS = 3
 N_AGENTS, N_TOKENS = 32, 64
@@ -123,7 +123,7 @@ class BareLoop:
     beyond the batch itself; greedy sampling in C, one sampler per sequence."""
 
     def __init__(self, model_path: str, n_seq: int, n_ctx_seq: int = 512, n_batch: int = 512, unified: bool = True):
-        _backend_init()
+        backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.use_extra_bufts = False
         self.model = llama_cpp.llama_model_load_from_file(model_path.encode(), mp)
@@ -251,8 +251,8 @@ def p5(model_path: str) -> dict:
     text = "The history of the city goes back two thousand years, to a fishing village on the river. " * 80
     tokens = loop.tokenize(text)[:P5_TOKENS]
     swap = tempfile.mkdtemp(prefix="aiosd-bench-swap-")
-    ram = ContextManager(ram_budget=256 * MB)
-    disk = ContextManager(ram_budget=0, disk_budget=256 * MB, swap_dir=swap)
+    ram = Swap(ram_budget=256 * MB)
+    disk = Swap(ram_budget=0, disk_budget=256 * MB, swap_dir=swap)
     ram.attach(ctx, mem), disk.attach(ctx, mem)
 
     def prefill(seq: int) -> float:
@@ -302,10 +302,11 @@ def p5_engine(model_path: str) -> dict:
     done = {}
     lock = threading.Condition()
 
-    def sink(req, kind, payload):
-        if kind != "chunk":
-            with lock:
-                done[req.id] = (time.perf_counter(), payload)
+    def sink(events):
+        with lock:
+            for req, kind, payload in events:
+                if kind != "chunk":
+                    done[req.id] = (time.perf_counter(), payload)
                 lock.notify_all()
 
     eng = Engine(model_path, sink, n_ctx_seq=2048, n_seq_max=1, max_active=1, n_batch=512)
@@ -369,7 +370,7 @@ def p6() -> dict:
 
 
 def main() -> dict:
-    model_path = str(ensure_default_model(STATE_DIR))
+    model_path = testing.model_path()
     t0 = time.time()
     r1, r2 = p1_p2(model_path)
     r5 = p5(model_path)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,15 +19,67 @@ import tempfile
 import time
 from pathlib import Path
 
+from agentproc import storage
 from bench.common import save, start_kernel
-from tests.conftest import TEST_CONFIG
-from tests.escape.test_storage import kill9_round
+from kernel.testing import TEST_CONFIG, KernelProc
 
 AGENTS = 4
 OPS = 500  # puts, then as many gets, per agent
 ROUNDS = 3
 KILL_ROUNDS = int(os.environ.get("AIOSD_KILL_ROUNDS", "50"))
 VALUE = 1024
+
+WRITER = """
+import hashlib, os, sys
+from agentproc import storage
+me = sys.argv[1]
+with open("acks.txt", "a") as acks:
+    for i in range(100000):
+        data = os.urandom(64) * (1 + i % 50)
+        v = storage.put(f"{me}/w{i}", data)
+        acks.write(f"{me}/w{i} {v.version} {hashlib.sha256(data).hexdigest()}\\n")
+        acks.flush()
+"""
+
+
+def acknowledged(scratch: Path) -> list[tuple[str, int, str]]:
+    """The writes an agent saw acknowledged: complete lines of its acks file (a line cut by the kill is not)."""
+    try:
+        text = (scratch / "acks.txt").read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]
+    return [(k, int(v), h) for k, v, h in (line.split() for line in lines)]
+
+
+def kill9_round(tmp: Path, config: str, rng: random.Random, writers: int = 3) -> tuple[int, int]:
+    """Start a kernel, let ``writers`` agents write, SIGKILL the kernel at a random moment, restart it on the
+    same database and check every acknowledged write.  Returns (acknowledged, lost)."""
+    kernel = KernelProc(tmp, config)
+    try:
+        ids = [kernel.client.call("proc.spawn", {"source": WRITER, "name": f"writer{w}", "argv": [f"w{w}"]})["id"]
+               for w in range(writers)]
+        scratch = [Path(kernel.runtime_dir) / "scratch" / str(i) for i in ids]
+        time.sleep(rng.uniform(0.5, 2.0))
+        kernel.popen.kill()  # SIGKILL, mid-write
+        kernel.popen.wait(10)
+        acks = [a for s in scratch for a in acknowledged(s)]
+    finally:
+        kernel.stop()
+    kernel = KernelProc(tmp, config)
+    try:
+        lost = 0
+        for key, version, digest in acks:
+            ns = "writer" + key.split("/")[0][1:]
+            try:
+                got = storage.get(key, version=version, namespace=ns, client=kernel.client)
+                lost += hashlib.sha256(got.data).hexdigest() != digest
+            except Exception:  # noqa: BLE001 -- missing is lost
+                lost += 1
+    finally:
+        kernel.stop()
+    return len(acks), lost
+
 
 AGENT = """
 import json, os, sys, time

@@ -14,7 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tests.conftest import KernelProc  # noqa: E402  (the same launcher the tests use)
+from kernel.testing import KernelProc  # noqa: E402  (the same launcher the tests use)
 
 DEMO_CONFIG = """
 [llm]

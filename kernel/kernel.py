@@ -2,7 +2,7 @@
 
 The main thread runs ``Kernel.serve()``: it polls the router socket, the engine's wake-up pipe, the signal
 wake-up socket and every agent's output pipes, and reacts.  The LLM engine runs in its own thread and talks
-back only through ``_on_engine_event`` (a deque plus a one-byte wake-up), so every socket is touched by the
+back only through ``_on_engine_events`` (a deque plus one one-byte wake-up a step), so every socket is touched by the
 main thread alone.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import msgspec
 import zmq
 
 from kernel.config import Config, ConfigError, load as load_config
-from kernel.engine import EngineError, Engines, SamplingParams
+from kernel.llm import EngineError, Engines, SamplingParams
 from kernel.access import Audit, Grants, Pending
 from kernel.memory import MemoryManager
 from kernel import toolcalls
@@ -32,12 +32,14 @@ from kernel.metrics import Metrics
 from kernel.sdnotify import Notifier
 from kernel.worker import PREP_STACK_BYTES, Worker
 from kernel.proc import Proc, ProcTable, State
+from kernel.procdb import ProcDB, ProcDBError
+from kernel import restart
 from kernel.router import Call, Router
 from kernel.resources import RateBucket, ResourceManager, check_tokens, effective_limits
 from sandbox.host import Host
 from sandbox.linux import become_subreaper
 from syscalls import codec
-from syscalls.schemas import Spawn
+from syscalls.schemas import STOP_SIGNALS, Spawn
 from syscalls.address import OPERATOR_KEY_NAME
 from syscalls.errors import EAGAIN, ENOENT, EPERM, SyscallError, error_for
 
@@ -51,15 +53,18 @@ class KernelError(Exception):
     """The kernel cannot start; the message says what to do."""
 
 
-class _Kernel:
-    """The kernel as the owner of what it starts itself (tool workers)."""
+class _Owner:
+    """Who launched a process, as its record keeps it: the kernel itself (tool workers), or the launcher of a
+    restart chain's first run (for its relaunches)."""
 
-    @staticmethod
-    def describe() -> str:
-        return "kernel"
+    def __init__(self, name: str):
+        self.name = name
+
+    def describe(self) -> str:
+        return self.name
 
 
-_KERNEL = _Kernel()
+_KERNEL = _Owner("kernel")
 
 
 class Kernel:
@@ -72,6 +77,8 @@ class Kernel:
         self.endpoint = codec.endpoint(str(self.runtime_dir))
         self.pidfile = self.runtime_dir / "aiosd.pid"
         self.procs = ProcTable(self.runtime_dir, self.endpoint, config.kernel.max_procs)
+        self.procdb: ProcDB | None = None  # the table on disk (kernel/procdb.py), opened by start()
+        self._relaunches: dict[int, Proc] = {}  # ended runs of restart chains waiting for their relaunch, by id
         self.engine: Engines | None = None
         self.preparer: Worker | None = None
         self._preparing: dict[Call, tuple[bool, int]] = {}  # LLM calls being prepared -> (stream, priority)
@@ -134,10 +141,11 @@ class Kernel:
     def start(self) -> None:
         """Everything up to serving: runtime dir, model, socket, pidfile.  Raises KernelError."""
         self._prepare_runtime_dir()
+        self._open_procdb()
         become_subreaper()
         try:
             self.engine = Engines.from_config(self.config.llm, self.config.models, self.model_path,
-                                              self._on_engine_event, swap_dir=str(self.runtime_dir / "swap"))
+                                              self._on_engine_events, swap_dir=str(self.runtime_dir / "swap"))
             self.engine.start()
             self.preparer = Worker(self._on_prepared, name="aiosd-prep", stack_bytes=PREP_STACK_BYTES)
         except EngineError as exc:
@@ -170,6 +178,44 @@ class Kernel:
         log.info("serving %s with model %s (pid %d)", self.endpoint, self.engine.model_name, os.getpid())
         self.notifier.ready(f"serving {self.endpoint}, model {self.engine.model_name}")
 
+    def _open_procdb(self) -> None:
+        """The process table on disk: bring back the earlier kernel's records (those it left alive are LOST now)
+        and plan the relaunch of the restart chains among them.  Raises KernelError."""
+        try:
+            self.procdb = ProcDB(self.state_dir / "procs.db")
+            rows, meta = self.procdb.load()
+        except (ProcDBError, sqlite3.Error) as exc:
+            raise KernelError(str(exc)) from None
+        before = meta.get("kernel_pid", "?")
+        lost = self.procs.restore(rows, int(meta.get("next_id", 1)),
+                                  f"kernel pid {before} ended without stopping its agents (killed or crashed); "
+                                  "found at the next start")
+        if rows:
+            log.info("process table: %d records from the previous kernel, %d of them LOST", len(rows), len(lost))
+        now = time.time()
+        for proc in self.procs.all():
+            if proc.next is None and proc.restart_at is not None:  # it was waiting for its relaunch
+                self._relaunches[proc.id] = proc
+        for proc in lost:
+            self._plan_relaunch(proc, now)
+        self._save(lost, meta={"kernel_pid": os.getpid(), "next_id": self.procs.next_id})
+
+    def _save(self, procs, new: bool = False, meta: dict | None = None) -> None:
+        """Write these records to the table on disk (``new``: with their relaunch specs and the next id).  An
+        error is logged, never raised: the kernel goes on serving with the table in memory."""
+        if self.procdb is None:
+            return
+        procs = list(procs)
+        try:
+            self.procdb.save([p.stored() for p in procs],
+                             {p.id: p.spec for p in procs if p.spec is not None} if new else None,
+                             dict(meta or {}, **({"next_id": self.procs.next_id} if new else {})))
+        except sqlite3.Error as exc:
+            log.error("cannot write the process table %s: %s; records since are kept in memory only",
+                      self.procdb.path, exc)
+        for p in procs:
+            p.saved_mark = p.usage_mark()
+
     def _operator_key(self) -> bytes:
         """A fresh operator credential in ``<runtime-dir>/operator.key`` (0600 in the 0700 dir): operators present
         it in their routing id (syscalls.address.operator_routing_id; docs/design.md, "Identity")."""
@@ -199,6 +245,9 @@ class Kernel:
                 self.notifier.tick(self._status_line)
                 self.metrics.tick()
                 self._check_drain()
+                self._relaunch_due()
+                if resources.slow_swept:
+                    self._save(p for p in self.procs.live() if p.usage_mark() != p.saved_mark)
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
@@ -302,12 +351,20 @@ class Kernel:
 
     def shutdown(self) -> None:
         """Kill every agent, wait (bounded) to reap them, stop the engine, release the socket."""
+        lost = f"kernel shutdown ({self._stop_reason or 'stopped'})"
         for proc in self.procs.live():
+            proc.lost_reason = lost  # it ends LOST; a restart policy relaunches it at the next start
             self.kill(proc, "kernel shutdown")
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while self.procs.live() and time.monotonic() < deadline:
             time.sleep(0.01)
             self._reap()
+        stuck = self.procs.live()
+        for proc in stuck:  # not reaped in time: the table on disk says LOST all the same
+            proc.state, proc.reason, proc.ended_at = State.LOST, lost, time.time()
+        self._save(stuck)
+        if self.procdb is not None:
+            self.procdb.close()
         self.metrics.close()
         self.host.close()
         self.resources.disk.close()  # finishes removing the scratch dirs of the agents reaped above
@@ -345,14 +402,18 @@ class Kernel:
             pass
 
     # --- processes -----------------------------------------------------------------------------------
-    def spawn(self, args, owner, profile: dict | None = None) -> Proc:
+    def spawn(self, args, owner, profile: dict | None = None, chain: Proc | None = None) -> Proc:
         """proc.spawn: start an agent under its group's limits (overridden by ``args.limits``).  ``profile``:
-        the kernel's own workers' extra sandbox settings (``Host.prepare`` keywords), never an agent's."""
+        the kernel's own workers' extra sandbox settings (``Host.prepare`` keywords), never an agent's.
+        ``chain``: the ended run this one relaunches (its limits, policy and usage carry over)."""
         group = self.config.groups.get(args.group)
         if group is None:
             raise ENOENT(f"no privilege group {args.group!r}; configured: {sorted(self.config.groups)}")
         name = args.name or Path(args.filename).stem
-        limits = effective_limits(group.limits, msgspec.structs.asdict(args.limits) if args.limits else None)
+        if chain is not None:
+            limits = dict(chain.limits)
+        else:
+            limits = effective_limits(group.limits, msgspec.structs.asdict(args.limits) if args.limits else None)
         next_id = self.procs.next_id
         try:
             proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
@@ -369,6 +430,14 @@ class Kernel:
                              "free space there and retry") from None
             raise
         proc.fleet = args.fleet
+        if chain is not None:
+            proc.continue_chain(chain)
+            self._save([chain])
+        elif args.restart != "no":
+            proc.restart = args.restart
+            proc.spec = {"source": args.source, "filename": args.filename, "name": name, "group": args.group,
+                         "argv": list(args.argv), "fleet": args.fleet}
+        self._save([proc], new=True)
         self.resources.disk.track(proc.id, proc.scratch, limits, self.host.scratch_mounted(proc.id))
         if limits["syscall_rate"]:
             proc.rate_bucket = RateBucket(limits["syscall_rate"])
@@ -385,6 +454,7 @@ class Kernel:
             raise EPERM("proc.ready is the bootstrap's first report and is accepted once, before the program runs")
         proc.layers = layers
         proc.state = State.RUNNING
+        self._save([proc])
 
     def kill(self, proc: Proc, reason: str) -> None:
         """proc.kill: SIGKILL everything the agent started now; its LLM requests end with ECANCELED."""
@@ -392,6 +462,63 @@ class Kernel:
             proc.kill_reason = proc.kill_reason or reason
             self.host.kill(proc.id, proc.pid)
         self._cancel_llm(proc)
+
+    def signal(self, proc: Proc, sig: str, by: str) -> None:
+        """proc.kill with ``sig`` (docs/abi.md 4): SIGKILL kills everything the agent started; other signals go to
+        its process group.  A stop signal (``STOP_SIGNALS``) also stops its restart chain: no relaunch, and a
+        relaunch waiting for its delay is cancelled."""
+        if sig in STOP_SIGNALS and proc.restart != "no" and not proc.stopped:
+            proc.stopped = True
+            if self._relaunches.pop(proc.id, None) is not None:
+                proc.restart_at = None
+                proc.reason = _joined(proc.reason, f"not relaunched: stopped by {by}")
+            self._save([proc])
+        if sig == "SIGKILL":
+            self.kill(proc, f"killed by {by}")
+        elif proc.alive:
+            try:
+                os.killpg(proc.pid, getattr(signal, sig))
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _plan_relaunch(self, proc: Proc, now: float) -> None:
+        """An ended run: schedule its chain's relaunch, or record why there is none (kernel/restart.py)."""
+        delay, why = restart.plan(proc, self.procs.lookup, self.config.kernel, now)
+        if why:
+            proc.reason = _joined(proc.reason, why)
+            log.warning("agent %d (%s) %s", proc.id, proc.name, why)
+        if delay is not None:
+            proc.restart_at = now + delay
+            self._relaunches[proc.id] = proc
+
+    def _relaunch_due(self) -> None:
+        """Relaunch the chains whose delay has passed (not while draining).  A full table retries later; a group
+        that no longer exists ends the chain."""
+        if not self._relaunches or self.draining():
+            return
+        now = time.time()
+        for proc in [p for p in self._relaunches.values() if p.restart_at <= now]:
+            self._relaunch(proc, now)
+
+    def _relaunch(self, proc: Proc, now: float) -> None:
+        spec = proc.spec or {}
+        try:
+            args = msgspec.convert(dict(spec, restart=proc.restart), Spawn)
+            new = self.spawn(args, owner=_Owner(proc.owner), chain=proc)
+        except EAGAIN as exc:
+            proc.restart_at = now + max(self.config.kernel.restart_delay_s, 1.0)
+            log.warning("agent %d (%s): relaunch postponed: %s", proc.id, proc.name, exc.message)
+            return
+        except (SyscallError, msgspec.ValidationError) as exc:
+            del self._relaunches[proc.id]
+            proc.restart_at = None
+            proc.reason = _joined(proc.reason, f"not relaunched: {getattr(exc, 'message', exc)}")
+            log.warning("agent %d (%s): %s", proc.id, proc.name, proc.reason)
+            self._save([proc])
+            return
+        del self._relaunches[proc.id]
+        log.info("agent %d (%s) relaunched as %d (relaunch %d of its chain)", proc.id, proc.name, new.id,
+                 new.restarts)
 
     def _enforce_limits(self) -> None:
         """Kill every agent over a limit (its whole group), recording why; others are untouched.  Once a
@@ -462,9 +589,12 @@ class Kernel:
             self.tools.ended(proc, f"{proc.state.value} {proc.reason or f'status {proc.exit_status}'}",
                              lines[-1] if lines else "")
             self.router.forget(proc)
-            self._end_follows(proc)
             log.info("agent %d (%s) ended: %s %s", proc.id, proc.name, proc.state.value,
                      proc.reason or f"status {proc.exit_status}")
+            if self._stop_reason is None:  # at shutdown the next kernel relaunches what it finds LOST
+                self._plan_relaunch(proc, time.time())
+            self._save([proc])
+            self._end_follows(proc)
 
     def follow_logs(self, proc: Proc, call: Call, follow: bool) -> None:
         """proc.logs with stream: captured output as chunks (runs of one fd merged, at most ``LOG_CHUNK``
@@ -545,7 +675,7 @@ class Kernel:
 
     def _on_offloaded(self, call: Call, result, error: BaseException | None) -> None:
         """A worker thread: hand the outcome to the main thread, as engine events are."""
-        self._on_engine_event(call, "offloaded", (result, error))
+        self._on_engine_events([(call, "offloaded", (result, error))])
 
     def _offload_done(self, call: Call, result, error: BaseException | None) -> None:
         """Main thread: answer an offloaded call (unless it was answered already: its agent ended)."""
@@ -690,7 +820,7 @@ class Kernel:
 
     def _on_prepared(self, call: Call, prep, error: BaseException | None) -> None:
         """Preparer worker: hand the outcome to the main thread, as engine events are."""
-        self._on_engine_event(call, "prepared", (prep, error))
+        self._on_engine_events([(call, "prepared", (prep, error))])
 
     def _prepared(self, call: Call, prep, error: BaseException | None) -> None:
         """Main thread: queue a prepared request on its engine, or answer why it cannot run."""
@@ -722,9 +852,10 @@ class Kernel:
             call.reserved = len(prep.tokens) + prep.params.max_tokens
             proc.reserved_tokens += call.reserved
 
-    def _on_engine_event(self, request, kind: str, payload) -> None:
-        """Engine thread: hand the event to the main thread."""
-        self._events.append((request, kind, payload))
+    def _on_engine_events(self, events: list) -> None:
+        """Engine (or worker) thread: hand a step's events, ``[(request, kind, payload)]``, to the main thread --
+        one wake-up for all of them."""
+        self._events.extend(events)
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:  # the pipe is full, so the main thread is already due to wake
@@ -736,7 +867,7 @@ class Kernel:
                 pass
         except BlockingIOError:
             pass
-        events = self._events
+        events, charged = self._events, set()
         while events:
             request, kind, payload = events.popleft()
             if kind == "prepared":
@@ -758,10 +889,17 @@ class Kernel:
             if proc is not None and usage:  # cancelled, failed and killed requests are charged what they computed
                 proc.prompt_tokens += usage["prompt_tokens"]
                 proc.completion_tokens += usage["completion_tokens"]
+                charged.add(proc)
             if kind == "done":
                 call.reply(payload)
             else:
                 call.fail(payload.code, str(payload))
+        if charged:  # on disk at once: a kernel crash must not wipe tokens off a quota (docs/operating.md)
+            self._save(charged)
+
+
+def _joined(reason: str | None, more: str) -> str:
+    return f"{reason}; {more}" if reason else more
 
 
 def _pid_alive(pid: int) -> bool:

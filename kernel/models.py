@@ -12,6 +12,22 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
 
 
+def systemd_dir(name: str) -> str | None:
+    """The first directory systemd names in ``$name`` (``RUNTIME_DIRECTORY``, ``STATE_DIRECTORY``: a
+    colon-separated list when a unit asks for several), or None."""
+    return os.environ.get(name, "").split(":")[0] or None
+
+
+def default_state_dir() -> str:
+    """``$AIOSD_STATE_DIR``, else systemd's ``$STATE_DIRECTORY``, else ``$XDG_STATE_HOME/aiosd``, else
+    ``~/.local/state/aiosd``."""
+    env = os.environ.get("AIOSD_STATE_DIR") or systemd_dir("STATE_DIRECTORY")
+    if env:
+        return env
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "aiosd")
+
+
 def default_model_path(state_dir: str | os.PathLike) -> Path:
     """Where the default model lives inside ``state_dir`` (it may not exist yet)."""
     return Path(state_dir) / "models" / DEFAULT_MODEL_NAME

@@ -5,9 +5,15 @@ States (docs/abi.md, process record)::
     STARTING --first syscall--> RUNNING --exit--> EXITED
         |                          |
         +----------signal / kill---+-----------> KILLED (reason)
+        |                          |
+        +------the kernel stops----+-----------> LOST (reason)
 
-``ProcTable`` allocates ids, maps pids to processes, and spawns, kills and reaps.  It knows nothing of
-sockets or the LLM; the kernel wires those in.
+A process with a restart policy (``restart``: on-failure, always) is relaunched as a new process of the same
+chain (``previous`` / ``next``) when it ends; ``kernel.restart`` decides whether and when.
+
+``ProcTable`` allocates ids, maps pids to processes, and spawns, kills and reaps; ``restore`` brings back the
+records of an earlier kernel (kernel/procdb.py).  It knows nothing of sockets or the LLM; the kernel wires
+those in.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ class State(enum.Enum):
     RUNNING = "RUNNING"
     EXITED = "EXITED"
     KILLED = "KILLED"
+    LOST = "LOST"        # alive when its kernel stopped (docs/abi.md, process record)
 
 
 class Output:
@@ -63,7 +70,8 @@ class Output:
 
     TRUNCATED = "\n[aiosd: output truncated: the log reached its cap of {cap} bytes]\n"
 
-    def __init__(self, log_path: Path, cap: int = MAX_LOG_BYTES):
+    def __init__(self, log_path: Path | None, cap: int = MAX_LOG_BYTES):
+        """``log_path`` None: no log file (a record restored from an earlier kernel: its output is gone)."""
         self.log_path = log_path
         self.cap = cap
         self.log_bytes = 0
@@ -73,6 +81,8 @@ class Output:
         self._decoders = {1: codecs.getincrementaldecoder("utf-8")("replace"),
                           2: codecs.getincrementaldecoder("utf-8")("replace")}
         self._log = None
+        if log_path is None:
+            return
         try:
             self._log = open(log_path, "wb", buffering=0)
         except OSError as exc:
@@ -168,6 +178,27 @@ class Proc:
     layers: dict | None = None        # sandbox layers as attested by the bootstrap (proc.ready)
     rate_bucket: object = None        # kernel.resources.RateBucket when syscall_rate is limited
     usage_sample: object = None       # the resource manager's latest kernel.resources.Usage
+    restart: str = "no"               # restart policy: no | on-failure | always
+    restarts: int = 0                 # relaunches of its chain before this run
+    previous: int | None = None       # the run this one relaunches
+    next: int | None = None           # its relaunch, once started
+    restart_at: float | None = None   # when its relaunch is due (unix time), while it waits for it
+    stopped: bool = False             # proc.kill stopped it: never relaunched
+    lost_reason: str | None = None    # set when the kernel stops it at shutdown: it ends LOST
+    cpu_before: float = 0.0           # CPU seconds of the earlier runs of its chain (the cpu_seconds quota)
+    wall_before: float = 0.0          # seconds alive of the earlier runs of its chain (wall_seconds)
+    cpu_seconds: float = 0.0          # CPU seconds of its chain as last measured (kept after it ends)
+    spec: dict | None = None          # what a relaunch needs (kernel/procdb.py), for a restart policy
+    saved_mark: tuple = ()            # usage_mark() when its record was last written to disk
+
+    def continue_chain(self, prev: "Proc") -> None:
+        """This process relaunches ``prev``: it inherits the chain's policy, launch spec and usage -- tokens, CPU
+        and wall time count the whole chain against the lifetime quotas (docs/abi.md, "Restart chains")."""
+        self.restart, self.spec, self.previous, self.restarts = prev.restart, prev.spec, prev.id, prev.restarts + 1
+        self.prompt_tokens, self.completion_tokens = prev.prompt_tokens, prev.completion_tokens
+        self.cpu_before = self.cpu_seconds = prev.cpu_seconds
+        self.wall_before = prev.wall_seconds()
+        prev.next, prev.restart_at = self.id, None
 
     @property
     def alive(self) -> bool:
@@ -183,16 +214,53 @@ class Proc:
             "layers": self.layers or {},
             "usage": {"syscalls": self.syscalls, "prompt_tokens": self.prompt_tokens,
                       "completion_tokens": self.completion_tokens,
-                      "llm_tokens": self.prompt_tokens + self.completion_tokens, **self._sampled()},
+                      "llm_tokens": self.prompt_tokens + self.completion_tokens,
+                      "cpu_seconds": round(self.cpu_seconds, 2), **self._sampled()},
+            "restart": self.restart, "restarts": self.restarts, "previous": self.previous, "next": self.next,
+            "restart_at": self.restart_at,
         }
+
+    def usage_mark(self) -> tuple:
+        """What changes in its record as it runs (written to disk about once a second when it does)."""
+        return (self.state, self.syscalls, self.prompt_tokens, self.completion_tokens, round(self.cpu_seconds, 1))
+
+    def wall_seconds(self) -> float:
+        """Seconds alive of its chain: the earlier runs' and this one's so far."""
+        return self.wall_before + ((self.ended_at or time.time()) - self.started_at)
+
+    def stored(self) -> dict:
+        """The record as kernel/procdb.py keeps it: the ABI record and the private fields a restart needs."""
+        rec = self.record()
+        for key in ("rss_mb", "disk_mb", "procs", "open_files"):
+            rec["usage"].pop(key, None)
+        rec.update(_owner=self.owner, _stopped=self.stopped, _cpu_before=self.cpu_before,
+                   _wall_before=self.wall_before)
+        return rec
+
+    @classmethod
+    def restored(cls, rec: dict, spec: dict | None) -> "Proc":
+        """A record from an earlier kernel (ended, or to be marked LOST by the caller)."""
+        u = rec.get("usage", {})
+        return cls(id=rec["id"], name=rec["name"], group=rec["group"], pid=rec["pid"], token=b"",
+                   owner=rec.get("_owner", "?"), scratch=Path("/nonexistent"), output=Output(None),
+                   state=State(rec["state"]), started_at=rec["started_at"],
+                   first_syscall_at=rec.get("first_syscall_at"), ended_at=rec.get("ended_at"),
+                   exit_status=rec.get("exit_status"), reason=rec.get("reason"),
+                   syscalls=u.get("syscalls", 0), prompt_tokens=u.get("prompt_tokens", 0),
+                   completion_tokens=u.get("completion_tokens", 0), limits=rec.get("limits", {}),
+                   fleet=rec.get("fleet"), layers=rec.get("layers"), restart=rec.get("restart", "no"),
+                   restarts=rec.get("restarts", 0), previous=rec.get("previous"), next=rec.get("next"),
+                   restart_at=rec.get("restart_at"), stopped=rec.get("_stopped", False),
+                   cpu_before=rec.get("_cpu_before", 0.0), wall_before=rec.get("_wall_before", 0.0),
+                   cpu_seconds=u.get("cpu_seconds", 0.0), spec=spec)
 
     def _sampled(self) -> dict:
         """The resource manager's latest sample of a live agent (RSS, CPU, disk), rounded."""
         u = self.usage_sample
         if u is None or not self.alive:
             return {}
-        return {"rss_mb": round(u.rss_mb, 1), "cpu_seconds": round(u.cpu_seconds, 2), "disk_mb": round(u.disk_mb, 2),
-                "procs": u.procs, "open_files": u.open_files}
+        return {"rss_mb": round(u.rss_mb, 1), "disk_mb": round(u.disk_mb, 2), "procs": u.procs,
+                "open_files": u.open_files}
 
 
 class ProcTable:
@@ -208,6 +276,20 @@ class ProcTable:
         self._by_token: dict[bytes, Proc] = {}  # every agent ever started: a token names one agent for good
         self._next_id = 1
 
+    def restore(self, rows: list[tuple[dict, dict | None]], next_id: int, lost_reason: str) -> list[Proc]:
+        """Bring back an earlier kernel's records (kernel/procdb.py ``load``); those still STARTING or RUNNING
+        become LOST with ``lost_reason``.  Returns the processes made LOST.  Ids continue after every earlier one."""
+        lost = []
+        for rec, spec in rows:
+            proc = Proc.restored(rec, spec)
+            if proc.alive:
+                proc.state, proc.reason, proc.ended_at = State.LOST, lost_reason, time.time()
+                lost.append(proc)
+            self._by_id[proc.id] = proc
+            self._next_id = max(self._next_id, proc.id + 1)
+        self._next_id = max(self._next_id, next_id)
+        return lost
+
     # --- lookups -------------------------------------------------------------------------------------
     def get(self, pid_: int) -> Proc:
         """The process with id ``pid_``; ENOENT when there is none."""
@@ -215,6 +297,10 @@ class ProcTable:
         if proc is None:
             raise ENOENT(f"no process with id {pid_}; `aiosctl ps` lists them")
         return proc
+
+    def lookup(self, pid_: int) -> Proc | None:
+        """The process with id ``pid_``, or None."""
+        return self._by_id.get(pid_)
 
     def by_token(self, token: bytes) -> Proc | None:
         """The process (live or ended) that was given routing id ``token`` at launch."""
@@ -303,13 +389,15 @@ class ProcTable:
         ended = []
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
             proc = self._by_pid.pop(pid, None)
             if proc is not None:
+                # Its CPU: the last sample or, if more, what the OS counted for it and the children it waited for
+                proc.cpu_seconds = max(proc.cpu_seconds, proc.cpu_before + rusage.ru_utime + rusage.ru_stime)
                 self._finish(proc, status)
                 ended.append(proc)
         return ended
@@ -325,5 +413,7 @@ class ProcTable:
             proc.exit_status = os.WEXITSTATUS(status)
             proc.state = State.EXITED
             proc.reason = proc.kill_reason  # e.g. killed while already exiting
+        if proc.lost_reason is not None:  # stopped by the kernel's own shutdown
+            proc.state, proc.reason = State.LOST, proc.lost_reason
         if proc.popen is not None:
             proc.popen.returncode = proc.exit_status  # we reaped it; keep subprocess from trying again

@@ -164,8 +164,9 @@ class ResourceManager:
         kids = children_map() if procs else {}
         for proc in procs:
             u = sample(proc, kids, self.disk)
-            proc.usage_sample = u
-            reason = breach(proc.limits, u, wall - proc.started_at)
+            u.cpu_seconds += proc.cpu_before  # cpu_seconds and wall_seconds count its whole restart chain
+            proc.usage_sample, proc.cpu_seconds = u, u.cpu_seconds
+            reason = breach(proc.limits, u, wall - proc.started_at + proc.wall_before)
             if reason:
                 over.append((proc, reason))
         return over

@@ -72,9 +72,9 @@ def proc_list(k: "Kernel", call: Call, args: S.NoArgs):
     return {"procs": [p.record() for p in procs]}
 
 
-def proc_kill(k: "Kernel", call: Call, args: S.ProcId):
+def proc_kill(k: "Kernel", call: Call, args: S.Kill):
     proc = target(k, call, args.id)
-    k.kill(proc, f"killed by {call.caller.describe()}")
+    k.signal(proc, args.signal, call.caller.describe())
     return proc.record()
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-PREP_STACK_BYTES = 256 << 20  # the preparer's stack: ample for the nesting kernel/grammar.py lets through
+PREP_STACK_BYTES = 256 << 20  # the preparer's stack: ample for the nesting kernel/llm/grammar.py lets through
 
 
 class Worker:

@@ -26,6 +26,16 @@ class ProcId(Args):
     id: ProcIdT
 
 
+# proc.kill's signals (docs/abi.md 4): SIGKILL kills the whole tree; the others go to the process group.
+KILL_SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGSTOP", "SIGCONT")
+STOP_SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT")  # a stop: no relaunch by the restart policy
+
+
+class Kill(Args):
+    id: ProcIdT
+    signal: Literal[KILL_SIGNALS] = "SIGKILL"  # type: ignore[valid-type]
+
+
 class Limits(Args, omit_defaults=True):
     """Per-process resource limits (docs/abi.md 4, proc.spawn); None = the group's default (or unlimited)."""
 
@@ -50,6 +60,7 @@ class Spawn(Args):
     argv: Annotated[list[Annotated[str, Meta(max_length=4096)]], Meta(max_length=256)] = []
     limits: Limits | None = None
     fleet: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    restart: Literal["no", "on-failure", "always"] = "no"  # the restart policy (docs/abi.md, "Restart chains")
 
 
 class Ready(Args):

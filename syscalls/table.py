@@ -42,7 +42,7 @@ TABLE: dict[str, Syscall] = {
         Syscall("proc.self", "kernel.sys_proc:proc_self", S.NoArgs, BASIC),
         Syscall("proc.ready", "kernel.sys_proc:proc_ready", S.Ready, BASIC),
         Syscall("proc.list", "kernel.sys_proc:proc_list", S.NoArgs, PROC),
-        Syscall("proc.kill", "kernel.sys_proc:proc_kill", S.ProcId, PROC),
+        Syscall("proc.kill", "kernel.sys_proc:proc_kill", S.Kill, PROC),
         Syscall("proc.spawn", "kernel.sys_proc:proc_spawn", S.Spawn, ADMIN),
         Syscall("proc.logs", "kernel.sys_proc:proc_logs", S.Logs, PROC),
         Syscall("llm.generate", "kernel.sys_llm:llm_generate", S.Generate, LLM),

@@ -15,29 +15,9 @@ from agentproc.errors import EINVAL, ENOENT, ENOSYS, EPERM, ETIMEDOUT
 
 
 @pytest.fixture
-def raw(kernel):
-    """A raw DEALER socket to the kernel: send bytes, read decoded answers."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTING_ID, operator_routing_id(kernel.endpoint))  # an operator's credential
-    sock.connect(kernel.endpoint)
-
-    class Raw:
-        def send(self, *frames: bytes):
-            sock.send_multipart(list(frames))
-
-        def recv(self, timeout_ms: int = 10000) -> dict:
-            assert sock.poll(timeout_ms), "no answer from the kernel"
-            return msgpack.unpackb(sock.recv(), raw=False)
-
-        def ask(self, obj) -> dict:
-            self.send(msgpack.packb(obj))
-            return self.recv()
-
-    yield Raw()
-    sock.close()
-    ctx.term()
+def raw(raw_client):
+    """A raw DEALER connection to the kernel with an operator's credential: send bytes, read decoded answers."""
+    return raw_client
 
 
 def error_of(reply: dict) -> str:

@@ -1,4 +1,4 @@
-"""The context manager (kernel/context.py) and the engine's resident sessions: exact eviction and restore,
+"""Swap (kernel/llm/swap.py) and the engine's resident sessions: exact eviction and restore,
 spilling to disk, the text fallback, prefix reuse within an owner (and only there), and a multi-turn chat whose
 second turn reuses the first's KV through the real kernel and a real agent process."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kernel.engine import Engine, SamplingParams
+from kernel.llm import Engine, SamplingParams
 from tests.test_engine import CONFIDENT_PROMPTS, WAIT_S, Sink, wait
 
 # Any prompts will do for the exact tests: with one slot, a resumed sequence's cells come back at the same
@@ -59,7 +59,7 @@ def test_evicted_and_resumed_generations_equal_uninterrupted_ones(make_engine, p
     # One slot, a batch of one, a slice of 3 tokens: the three generations take turns, and each turn evicts the
     # previous one to RAM and restores the next -- a dozen times each.  The seeded case shows that the sampler
     # chain, with its RNG state, survives eviction.
-    eng, sink = make_engine(n_seq_max=1, max_active=1, policy="rr", rr_slice=3, session_cache=False)
+    eng, sink = make_engine(n_seq_max=1, max_active=1, scheduler="rr", rr_slice=3, session_cache=False)
     alone = solo(eng, sink, PROMPTS, "solo", **params)
     before = eng.stats()
     together = run(eng, sink, PROMPTS, "rr", **params)
@@ -72,7 +72,7 @@ def test_evicted_and_resumed_generations_equal_uninterrupted_ones(make_engine, p
 
 
 def test_snapshots_spill_to_disk_past_the_ram_budget(make_engine, tmp_path):
-    eng, sink = make_engine(n_seq_max=1, max_active=1, policy="rr", rr_slice=4, swap_ram_mb=0,
+    eng, sink = make_engine(n_seq_max=1, max_active=1, scheduler="rr", rr_slice=4, swap_ram_mb=0,
                             swap_dir=str(tmp_path / "swap"), session_cache=False)
     alone = solo(eng, sink, PROMPTS[:2], "solo", max_tokens=32)
     before = eng.stats()
@@ -84,9 +84,9 @@ def test_snapshots_spill_to_disk_past_the_ram_budget(make_engine, tmp_path):
 
 def test_without_snapshots_resumed_sequences_are_recomputed(make_engine):
     # The text fallback prefills the tokens again in one batch: equal to the uninterrupted run only while the
-    # model's choices are clear (kernel/engine.py's docstring), hence prompts whose continuations are certain.
+    # model's choices are clear (kernel/llm/engine.py's docstring), hence prompts whose continuations are certain.
     # (Not "one, two, three, four,": recomputed in one batch, "..., nine, ten," continues " twelve".)
-    eng, sink = make_engine(n_seq_max=1, max_active=1, policy="rr", rr_slice=6, snapshots=False,
+    eng, sink = make_engine(n_seq_max=1, max_active=1, scheduler="rr", rr_slice=6, snapshots=False,
                             session_cache=False)
     prompts = ["January, February, March,", "A, B, C, D, E,", "Monday, Tuesday, Wednesday,"]
     alone = solo(eng, sink, prompts, "solo", max_tokens=16)
@@ -99,7 +99,7 @@ def test_without_snapshots_resumed_sequences_are_recomputed(make_engine):
 def test_preempted_sequences_keep_their_cells(make_engine):
     # Enough slots: round robin leaves sequences out of the batch without evicting them.  Their cells now sit
     # among other sequences' cells, so this too relies on clear choices.
-    eng, sink = make_engine(n_seq_max=4, max_active=1, policy="rr", rr_slice=3, session_cache=False)
+    eng, sink = make_engine(n_seq_max=4, max_active=1, scheduler="rr", rr_slice=3, session_cache=False)
     prompts = CONFIDENT_PROMPTS[:3]
     alone = solo(eng, sink, prompts, "solo", max_tokens=16)
     before = eng.stats()
@@ -108,7 +108,7 @@ def test_preempted_sequences_keep_their_cells(make_engine):
 
 
 def test_cancelling_an_evicted_request_discards_its_snapshot(make_engine):
-    eng, sink = make_engine(n_seq_max=1, max_active=1, policy="rr", rr_slice=2, session_cache=False)
+    eng, sink = make_engine(n_seq_max=1, max_active=1, scheduler="rr", rr_slice=2, session_cache=False)
     a = eng.submit(PROMPTS[0], SamplingParams(max_tokens=400), owner="a", stream=True)
     b = eng.submit(PROMPTS[1], SamplingParams(max_tokens=400), owner="b", stream=True)
     until(lambda: eng.stats()["restores"] >= 4)
@@ -173,7 +173,7 @@ def test_an_evicted_session_is_restored_for_its_owners_next_turn(make_engine):
 
 
 def test_a_restored_session_is_reused_only_above_its_sliding_window_floor(make_engine):
-    # A snapshot omits the sliding-window cells its sequence can no longer see (kernel/context.py), so a session
+    # A snapshot omits the sliding-window cells its sequence can no longer see (kernel/llm/swap.py), so a session
     # of ~610 tokens restored from RAM can be continued from its end, but not cut back to a prefix 230 tokens
     # long: the new tokens there would need cells that were left out.
     eng, sink = make_engine(n_seq_max=1, max_active=1, n_ctx_seq=1024, n_batch=512)

@@ -1,7 +1,9 @@
 """Running aiosd as a service: the config is checked before anything starts (ranges, `aiosd --check-config`,
-the search path), and packaging/aiosd.service passes `systemd-analyze verify` where that tool exists."""
+the search path), packaging/aiosd.service passes `systemd-analyze verify` where that tool exists, the
+directories come from systemd's variables, and log lines carry journald's priorities or are JSON."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel.main import config_path
+from kernel.main import config_path, default_runtime_dir, default_state_dir, journal_stderr
 from tests.helpers import config_error
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +27,8 @@ AIOSD = [sys.executable, "-m", "kernel.main"]
     ("[llm]\nthreads = -2", "threads"),
     ("[kernel]\nmax_procs = 0", "max_procs"),
     ('[llm]\nkv_layout = "ring"', "kv_layout"),
+    ("[kernel]\nrestart_burst = 0", "restart_burst = 0: expected an integer from 1 to 1000"),
+    ("[kernel]\nrestart_delay_s = 5\nrestart_delay_max_s = 2", "expected restart_delay_s <= restart_delay_max_s"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(tmp_path, text, words):
     config_error(tmp_path, text, words)
@@ -103,3 +107,45 @@ def test_the_unit_file_verifies(tmp_path):
     local.write_text(unit.replace("/opt/aiosd/.venv/bin/aiosd", str(Path(sys.executable).parent / "aiosd")))
     result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_directories_come_from_systemd_when_it_sets_them(monkeypatch):
+    for name in ("AIOSD_RUNTIME_DIR", "AIOSD_STATE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/aiosd:/run/other")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/aiosd")
+    assert default_runtime_dir() == "/run/aiosd" and default_state_dir() == "/var/lib/aiosd"
+    monkeypatch.setenv("AIOSD_RUNTIME_DIR", "/given")  # ours wins: an operator's explicit choice
+    assert default_runtime_dir() == "/given"
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.delenv("AIOSD_RUNTIME_DIR")
+    assert "aiosd" in default_runtime_dir() and default_state_dir().endswith("aiosd")
+
+
+def test_journal_stream_counts_only_when_it_names_our_stderr(tmp_path):
+    path = tmp_path / "err"
+    with open(path, "w") as f:
+        st = path.stat()
+        assert journal_stderr({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, f.fileno())
+        assert not journal_stderr({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, f.fileno())  # inherited
+        assert not journal_stderr({"JOURNAL_STREAM": "garbage"}, f.fileno())
+        assert not journal_stderr({}, f.fileno())
+
+
+def test_the_kernel_logs_json_lines_with_journald_priorities(tmp_path, model_path):
+    from kernel.testing import KernelProc
+
+    log = tmp_path / "aiosd.log"
+    log.touch()
+    st = log.stat()
+    k = KernelProc(tmp_path, args=["--log-format", "json"], env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    try:
+        k.run("print('hi')\n")
+    finally:
+        k.stop()
+    ours = [line for line in log.read_text().splitlines() if line[:2] == "<6" or line[:2] == "<4"]
+    entries = [json.loads(line[3:]) for line in ours]
+    assert any(e["message"].startswith("serving ") and e["level"] == "INFO" for e in entries), ours
+    assert any(e["message"] == "stopped" for e in entries)
+    assert not [line for line in log.read_text().splitlines() if line.startswith("aiosd: INFO")]

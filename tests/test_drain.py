@@ -8,7 +8,7 @@ import time
 import pytest
 
 from agentproc.errors import ECANCELED
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 from tests.escape.conftest import wait_output
 
 pytestmark = pytest.mark.timeout(120)

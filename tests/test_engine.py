@@ -1,4 +1,4 @@
-"""The LLM engine (kernel/engine.py) in-process, with the real model (conftest's ``model_path``): generation,
+"""The LLM engine (kernel/llm/) in-process, with the real model (conftest's ``model_path``): generation,
 batching, streaming, stop sequences, sampling, JSON-schema-constrained output, cancellation, queueing, limits
 and errors as docs/abi.md section 4 (llm.generate) states; then llm.cancel, json_schema and model through the
 real kernel and real agent processes."""
@@ -14,14 +14,15 @@ import psutil
 import pytest
 
 from agentproc.errors import ENOENT
-from kernel import engine as engine_mod
-from kernel.engine import Engine, EngineError, Engines, SamplingParams, TextStream
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.llm import Engine, EngineError, Engines, SamplingParams
+from kernel.llm import engine as engine_mod
+from kernel.llm.text import Detokenizer
+from kernel.testing import TEST_CONFIG, KernelProc
 
 N_SEQ_MAX = 4
 N_CTX_SEQ = 1024
 WAIT_S = 60
-# Continuations the model is sure of: batching moves logits slightly (kernel/engine.py docstring), so exact
+# Continuations the model is sure of: batching moves logits slightly (kernel/llm/engine.py docstring), so exact
 # equality with a solo run is only a property of greedy choices won by a clear margin.  Each still needs the
 # right prompt, positions and KV of its own sequence.
 CONFIDENT_PROMPTS = ["January, February, March,", "A, B, C, D, E,", "one, two, three, four,",
@@ -55,7 +56,12 @@ class Sink:
         with self._lock:
             return self._outcomes.setdefault(req.id, Outcome())
 
-    def __call__(self, req, kind, payload):
+    def __call__(self, events):
+        """The engine hands over one step's events at a time."""
+        for req, kind, payload in events:
+            self.event(req, kind, payload)
+
+    def event(self, req, kind, payload):
         out = self.outcome(req)
         assert not out.finished.is_set(), f"event {kind} after the request ended"
         if kind == "chunk":
@@ -85,7 +91,7 @@ def engine(sink, model_path):
 
 def submit(engine, sink, prompt, stream=False, owner=None, **params):
     """Submit as ``owner``; by default a new owner each time, so that no request reuses another's cached prefix
-    (prefix reuse changes the shape of the prefill, see kernel/engine.py's docstring)."""
+    (prefix reuse changes the shape of the prefill, see kernel/llm/engine.py's docstring)."""
     req = engine.submit(prompt, SamplingParams(**params), stream=stream, owner=owner if owner else object())
     return req, sink.outcome(req)
 
@@ -330,10 +336,10 @@ def test_close_cancels_pending_requests_and_is_idempotent(model_path):
     assert err.value.code == "ECANCELED"
 
 
-# ---- TextStream (no model) -------------------------------------------------------------------------------------
+# ---- Detokenizer (no model) -------------------------------------------------------------------------------------
 
 
-def feed_all(stream: TextStream, pieces: list[bytes]) -> list[str]:
+def feed_all(stream: Detokenizer, pieces: list[bytes]) -> list[str]:
     out = [stream.feed(p) for p in pieces]
     if not stream.stopped:
         out.append(stream.finish())
@@ -341,7 +347,7 @@ def feed_all(stream: TextStream, pieces: list[bytes]) -> list[str]:
 
 
 def test_text_stream_holds_back_a_possible_stop_string():
-    s = TextStream(["END"])
+    s = Detokenizer(["END"])
     assert s.feed(b"abc E") == "abc "  # "E" could start "END"
     assert s.feed(b"N") == ""
     assert s.feed(b"X") == "ENX"  # it did not
@@ -350,17 +356,17 @@ def test_text_stream_holds_back_a_possible_stop_string():
 
 
 def test_text_stream_cuts_at_the_earliest_of_several_stops():
-    s = TextStream(["world", "lo w"])
+    s = Detokenizer(["world", "lo w"])
     chunks = feed_all(s, [b"hel", b"lo", b" wor", b"ld"])
     assert s.text == "hel" and "".join(chunks) == "hel"
 
 
 def test_text_stream_decodes_utf8_split_across_tokens():
     data = "é日".encode()
-    s = TextStream([])
+    s = Detokenizer([])
     chunks = feed_all(s, [data[i : i + 1] for i in range(len(data))])
     assert "".join(chunks) == "é日" and all("\ufffd" not in c for c in chunks)
-    broken = TextStream([])
+    broken = Detokenizer([])
     assert "".join(feed_all(broken, [b"a", "日".encode()[:2]])) == "a\ufffd"
 
 

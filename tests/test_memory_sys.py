@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agentproc import memory
-from tests.conftest import KernelProc
+from kernel.testing import KernelProc
 from tests.helpers import agent_result
 
 pytestmark = pytest.mark.timeout(180)

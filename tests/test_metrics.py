@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from agentproc.errors import EPERM
-from tests.conftest import REPO, STATE_DIR, pid_gone
+from kernel.testing import pid_gone
+from tests.conftest import REPO, STATE_DIR
 
 SLEEPER = """
     import time

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
+from tests.conftest import REPO
 from tests.escape.conftest import wait_output
 
 pytestmark = pytest.mark.timeout(120)

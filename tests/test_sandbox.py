@@ -21,7 +21,8 @@ import pytest
 
 from sandbox import cgroups, identity, landlock, seccomp
 from sandbox.host import Host, SandboxError
-from tests.conftest import STATE_DIR, pid_gone
+from kernel.testing import pid_gone
+from tests.conftest import STATE_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 

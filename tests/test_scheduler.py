@@ -1,4 +1,4 @@
-"""The scheduler (kernel/scheduler.py): the policies on their own, then through the engine with the real model --
+"""The scheduler (kernel/llm/scheduler.py): the policies on their own, then through the engine with the real model --
 the active batch cap, round robin, the fair policy's preemption and priorities, and admission control when the
 KV pool is full (queued, never dropped)."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from kernel.engine import Engine, EngineError, SamplingParams
-from kernel.scheduler import FairPolicy, FifoPolicy, RoundRobinPolicy, make_policy, priority_weight
+from kernel.llm import Engine, EngineError, SamplingParams
+from kernel.llm.scheduler import FairScheduler, FifoScheduler, RoundRobinScheduler, make_scheduler, priority_weight
 from tests.test_engine import WAIT_S, Sink, wait
 
 
@@ -39,7 +39,7 @@ class Clock:
 
 
 def test_fifo_runs_the_oldest_and_never_preempts():
-    p = FifoPolicy()
+    p = FifoScheduler()
     reqs = [Req() for _ in range(5)]
     for r in reqs:
         p.add(r)
@@ -52,7 +52,7 @@ def test_fifo_runs_the_oldest_and_never_preempts():
 
 
 def test_round_robin_rotates_after_a_slice():
-    p = RoundRobinPolicy(slice_tokens=4)
+    p = RoundRobinScheduler(slice_tokens=4)
     a, b, c = Req(), Req(), Req()
     for r in (a, b, c):
         p.add(r)
@@ -68,7 +68,7 @@ def test_round_robin_rotates_after_a_slice():
 
 def test_fair_runs_the_least_served_owner_first():
     clock = Clock()
-    p = FairPolicy(slice_tokens=8, halflife_s=60, clock=clock)
+    p = FairScheduler(slice_tokens=8, halflife_s=60, clock=clock)
     busy1, busy2, quiet = Req("busy"), Req("busy"), Req("quiet")
     for r in (busy1, busy2):
         p.add(r)
@@ -87,7 +87,7 @@ def test_fair_runs_the_least_served_owner_first():
 
 def test_fair_weights_service_by_priority():
     clock = Clock()
-    p = FairPolicy(slice_tokens=1, clock=clock)
+    p = FairScheduler(slice_tokens=1, clock=clock)
     admin, user = Req("admin", priority=10), Req("user", priority=0)
     p.add(admin), p.add(user)
     assert priority_weight(10) == 4 and priority_weight(0) == 1 and priority_weight(-5) == 0.5
@@ -100,7 +100,7 @@ def test_fair_weights_service_by_priority():
 
 def test_fair_service_decays_so_nobody_starves():
     clock = Clock()
-    p = FairPolicy(slice_tokens=1, halflife_s=10, clock=clock)
+    p = FairScheduler(slice_tokens=1, halflife_s=10, clock=clock)
     old, new = Req("old"), Req("new")
     p.add(old)
     p.charge(old, 1000)
@@ -115,12 +115,12 @@ def test_fair_service_decays_so_nobody_starves():
     assert len(p) == 0
 
 
-def test_make_policy_names():
-    assert isinstance(make_policy("fifo"), FifoPolicy)
-    assert make_policy("rr", rr_slice=7).slice == 7
-    assert isinstance(make_policy("fair"), FairPolicy)
+def test_make_scheduler_names():
+    assert isinstance(make_scheduler("fifo"), FifoScheduler)
+    assert make_scheduler("rr", rr_slice=7).slice == 7
+    assert isinstance(make_scheduler("fair"), FairScheduler)
     with pytest.raises(ValueError, match="fifo, rr, fair"):
-        make_policy("lottery")
+        make_scheduler("lottery")
 
 
 # ---- through the engine ---------------------------------------------------------------------------------------
@@ -133,9 +133,9 @@ class Timeline(Sink):
         super().__init__()
         self.events: list[tuple[float, int, str]] = []
 
-    def __call__(self, req, kind, payload):
+    def event(self, req, kind, payload):
         self.events.append((time.monotonic(), req.id, kind))
-        super().__call__(req, kind, payload)
+        super().event(req, kind, payload)
 
     def ended(self, req) -> float:
         return next(t for t, rid, kind in self.events if rid == req.id and kind != "chunk")
@@ -168,7 +168,7 @@ def go(engine, prompt, owner, stream=True, priority=0, **params):
 
 def test_the_active_batch_is_capped(make_engine):
     sink = Sink()
-    eng = make_engine(sink, n_seq_max=4, max_active=2, policy="fifo")
+    eng = make_engine(sink, n_seq_max=4, max_active=2, scheduler="fifo")
     reqs = [go(eng, f"Count with me: {i},", owner=f"o{i}", max_tokens=24) for i in range(4)]
     seen_active = set()
     while not all(sink.outcome(r).finished.is_set() for r in reqs):
@@ -182,7 +182,7 @@ def test_the_active_batch_is_capped(make_engine):
 def test_fifo_makes_a_short_request_wait_and_fair_does_not(make_engine):
     for policy in ("fifo", "fair"):
         sink = Timeline()
-        eng = make_engine(sink, n_seq_max=2, max_active=1, policy=policy, rr_slice=4)
+        eng = make_engine(sink, n_seq_max=2, max_active=1, scheduler=policy, rr_slice=4)
         long = go(eng, "Write a long story about a dragon:", owner="long", max_tokens=120)
         while sink.chunks_before(long, time.monotonic() + 1) < 5:  # the long one is under way
             time.sleep(0.005)
@@ -198,7 +198,7 @@ def test_fifo_makes_a_short_request_wait_and_fair_does_not(make_engine):
 
 def test_fair_gives_a_higher_priority_owner_more_of_the_batch(make_engine):
     sink = Timeline()
-    eng = make_engine(sink, n_seq_max=2, max_active=1, policy="fair", rr_slice=2)
+    eng = make_engine(sink, n_seq_max=2, max_active=1, scheduler="fair", rr_slice=2)
     low = go(eng, "Once upon a time there was a", owner="low", priority=0, max_tokens=200)
     high = go(eng, "Once upon a time there lived a", owner="high", priority=10, max_tokens=48)
     wait(sink.outcome(high))
@@ -214,7 +214,7 @@ def test_fair_gives_a_higher_priority_owner_more_of_the_batch(make_engine):
 
 def test_round_robin_interleaves_under_a_batch_of_one(make_engine):
     sink = Timeline()
-    eng = make_engine(sink, n_seq_max=2, max_active=1, policy="rr", rr_slice=4)
+    eng = make_engine(sink, n_seq_max=2, max_active=1, scheduler="rr", rr_slice=4)
     a = go(eng, "1, 2, 3, 4,", owner="a", max_tokens=40)
     b = go(eng, "A, B, C, D,", owner="b", max_tokens=40)
     wait(sink.outcome(a)), wait(sink.outcome(b))
@@ -226,7 +226,7 @@ def test_a_full_kv_pool_queues_requests_and_serves_them_all(make_engine):
     sink = Sink()
     # One full-length sequence's worth of KV cells for four slots: three sequences of up to ~190 tokens cannot
     # all be resident, so the engine must evict and resume them -- and finish every one.
-    eng = make_engine(sink, n_seq_max=4, max_active=4, kv_size=256, n_ctx_seq=256, policy="fifo")
+    eng = make_engine(sink, n_seq_max=4, max_active=4, kv_size=256, n_ctx_seq=256, scheduler="fifo")
     prompt = "Here is a list of animals: cat, dog, cow, horse, sheep, goat, pig, hen, duck, goose," * 3
     reqs = [go(eng, prompt, owner=f"o{i}", stream=False, max_tokens=100) for i in range(3)]
     for r in reqs:
@@ -239,7 +239,7 @@ def test_a_full_kv_pool_queues_requests_and_serves_them_all(make_engine):
 
 def test_an_engine_rejects_sizes_that_cannot_work(model_path):
     for kw in (dict(n_seq_max=4, max_active=5), dict(n_seq_max=4, n_batch=2),
-               dict(n_ctx_seq=512, kv_size=256), dict(policy="lottery")):
+               dict(n_ctx_seq=512, kv_size=256), dict(scheduler="lottery")):
         with pytest.raises(EngineError) as err:
             Engine(model_path, Sink(), **kw)
         assert err.value.code == "EINVAL"
@@ -280,7 +280,7 @@ def test_kv_layout_auto_follows_prefix_sharing(tmp_path):
     """``auto``: a stream per slot while agents reuse only their own KV (attention walks one sequence's cells),
     one pool when they share prefixes (shared cells, not copies); explicit layouts win."""
     from kernel import config
-    from kernel.engine import kv_unified
+    from kernel.llm import kv_unified
 
     path = tmp_path / "aiosd.toml"
     for text, unified in (("", False), ('share_prefix = "fleet"', True), ('kv_layout = "unified"', True),

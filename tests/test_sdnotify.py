@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import KernelProc
+from kernel.testing import KernelProc
 
 pytestmark = pytest.mark.timeout(120)
 

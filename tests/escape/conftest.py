@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pid_gone  # noqa: F401  (re-exported for the tests)
+from kernel.testing import pid_gone  # noqa: F401  (re-exported for the tests)
 
 SECRET = "neighbour-secret-4f1c"
 
@@ -83,15 +83,7 @@ def denied(results: dict, name: str, errno_: int | None = None) -> bool:
 
 
 def wait_output(kernel, pid_: int, text: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = kernel.output(pid_)
-        if text in out:
-            return out
-        if kernel.record(pid_)["state"] in ("EXITED", "KILLED"):
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"agent {pid_} never printed {text!r}: {kernel.output(pid_)}")
+    return kernel.wait_output(pid_, text, timeout)
 
 
 def kill(kernel, pid_: int) -> dict:
@@ -141,8 +133,9 @@ def neighbour(kernel):
 
 
 @pytest.fixture(scope="session")
-def layers(kernel) -> dict:
+def layers(shared_kernel) -> dict:
     """The layers a default-group agent gets on this machine, as its bootstrap attested them."""
+    kernel = shared_kernel
     rec = kernel.wait(spawn(kernel, "pass", name="layer-probe", prelude=False)["id"], 60)
     assert rec["exit_status"] == 0, kernel.output(rec["id"])
     return rec["layers"]

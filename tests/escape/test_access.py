@@ -12,7 +12,8 @@ import time
 import pytest
 
 from agentproc import storage
-from tests.conftest import REPO, TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
+from tests.conftest import REPO
 from tests.escape.conftest import attack, denied, spawn, wait_output
 
 pytestmark = pytest.mark.timeout(180)

@@ -20,7 +20,7 @@ import pytest
 
 from kernel.disk import walk
 from sandbox import scratchfs
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 from tests.escape.conftest import Neighbour, kill, neighbour_of, spawn, wait_output
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,7 +32,7 @@ WALK_CONFIG = TEST_CONFIG + "\n[sandbox]\nscratch_tmpfs = false\n"
 def disk_kernel(request, tmp_path_factory):
     """A kernel measuring scratch dirs one way: the session kernel with tmpfs mounts, or one that walks."""
     if request.param == "tmpfs":
-        k = request.getfixturevalue("kernel")
+        k = request.getfixturevalue("shared_kernel")
         status = k.client.call("sys.status")["sandbox"].get("disk", "unavailable: not reported")
         if not status.startswith("available"):
             pytest.skip(f"no tmpfs per agent here: {status}")

@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from kernel.engine import SESSIONS_PER_OWNER, Engine, SamplingParams
-from kernel.scheduler import FairPolicy
+from kernel.llm import Engine, SamplingParams
+from kernel.llm.slots import SESSIONS_PER_OWNER
+from kernel.llm.scheduler import FairScheduler
 from agentproc.errors import E2BIG
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 from tests.escape.conftest import attack, kill, neighbour_of, wait_output
 from tests.test_engine import Sink, wait
 
@@ -26,7 +27,7 @@ PREFILL_CHUNK = 16
 LONG_PROMPT = "The history of the world, told in many small parts. " * 40  # ~440 tokens
 
 
-class RecordingFair(FairPolicy):
+class RecordingFair(FairScheduler):
     """The fair policy, on a clock that never moves (no decay), recording every charge by owner: whole tokens
     fed (ints) apart from engine time converted to tokens (floats)."""
 
@@ -53,7 +54,7 @@ def sink():
 
 @pytest.fixture(scope="module")
 def engine(sink, model_path, policy):
-    eng = Engine(model_path, sink, n_ctx_seq=1024, n_seq_max=4, n_batch=256, n_threads=2, policy=policy,
+    eng = Engine(model_path, sink, n_ctx_seq=1024, n_seq_max=4, n_batch=256, n_threads=2, scheduler=policy,
                  prefill_chunk=PREFILL_CHUNK)
     eng.start()
     yield eng
@@ -189,9 +190,9 @@ def test_one_agents_sessions_do_not_fill_the_shared_swap(engine, sink):
     for i in range(4 * engine.n_seq_max + SESSIONS_PER_OWNER):
         wait(sink.outcome(engine.submit(f"One-off prompt number {i} about {i * 7919}",
                                         SamplingParams(max_tokens=2), owner="flood")))
-    sessions = engine._sessions  # the engine thread is idle: the list is stable
+    sessions = engine._slots.sessions  # the engine thread is idle: the list is stable
     assert sum(s.owner == "flood" for s in sessions) <= SESSIONS_PER_OWNER
-    assert any(s.owner == "keeper" for s in sessions) or any(s.owner == "keeper" for s in engine._slots)
+    assert any(s.owner == "keeper" for s in sessions) or any(s.owner == "keeper" for s in engine._slots.slots)
 
 
 def test_a_session_dropped_while_making_room_for_its_own_reuse_is_prefilled(engine, sink):
@@ -203,7 +204,7 @@ def test_a_session_dropped_while_making_room_for_its_own_reuse_is_prefilled(engi
                          range(engine.n_seq_max + SESSIONS_PER_OWNER - 1)]
     for prompt in prompts:
         wait(sink.outcome(engine.submit(prompt, SamplingParams(max_tokens=1), owner="reuser")))
-    assert any(s.owner == "reuser" and s.tokens[:8] == engine.tokenize(first)[:8] for s in engine._sessions)
+    assert any(s.owner == "reuser" and s.tokens[:8] == engine.tokenize(first)[:8] for s in engine._slots.sessions)
     out = wait(sink.outcome(engine.submit(first + " And then", SamplingParams(max_tokens=2), owner="reuser")))
     assert out.done is not None and out.done["usage"]["completion_tokens"] == 2, out.error
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TEST_CONFIG, KernelProc
+from kernel.testing import TEST_CONFIG, KernelProc
 from tests.escape.conftest import attack, denied, need
 from tests.helpers import agent_result
 

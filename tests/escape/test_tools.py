@@ -134,7 +134,7 @@ def test_a_flood_of_calls_is_bounded_by_the_queue(kernel):
 
 
 def test_a_group_calls_only_its_tools(tmp_path, model_path):
-    from tests.conftest import TEST_CONFIG, KernelProc
+    from kernel.testing import TEST_CONFIG, KernelProc
 
     k = KernelProc(tmp_path, TEST_CONFIG + '\n[groups.calc]\nprivileges = ["basic", "tools"]\n'
                                            'tools = ["calculator"]\n')
@@ -184,7 +184,7 @@ MCP_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "mcp"
 
 @pytest.fixture(scope="module")
 def mcp_kernel(tmp_path_factory, model_path):
-    from tests.conftest import TEST_CONFIG, KernelProc
+    from kernel.testing import TEST_CONFIG, KernelProc
 
     k = KernelProc(tmp_path_factory.mktemp("mcp-escape"), TEST_CONFIG + f"""
 [mcp.demo]

@@ -1,13 +1,16 @@
-"""Scheduler policies: which generations the LLM engine runs in its next step.  Policy only; the mechanism
-(slots, batches, eviction) is ``kernel/engine.py``.
+"""The scheduler: which generations the LLM engine runs in its next step.  Policy only; the mechanism (slots,
+batches, eviction) is ``kernel/llm/engine.py`` and ``kernel/llm/slots.py``.
 
-Every step the engine asks its policy ``pick(n, running)``: up to ``n`` (the active batch cap, ``[llm]
+Every step the engine asks its scheduler ``order(n, running, unfinished)``, which is the policy's
+``pick(n, running)``: up to ``n`` (the active batch cap, ``[llm]
 max_active``) of the pending requests, best first.  A request in the answer runs this step (the engine makes
 it resident first, restoring or prefilling its KV); a pending request left out is *preempted*: it keeps its
-state and waits.  After the step the engine reports the service each request got, in tokens computed
+state and waits.  Two decisions the engine used to make itself are the scheduler's too: the *minimum quantum*
+(``order``: a request made resident keeps its place until it has sampled a token) and *shedding* (``shed``:
+which sequence sits a step out when the step's new tokens do not fit the KV pool).  After the step the engine reports the service each request got, in tokens computed
 (prompt tokens processed plus tokens generated), through ``charge``.
 
-Three policies, chosen by ``[llm] scheduler``:
+Three schedulers (policies), chosen by ``[llm] scheduler``:
 
 - ``fifo``: first come, first served.  Arrival order never changes, so a running request is never preempted;
   a short request waits behind long ones once the batch is full.
@@ -21,8 +24,8 @@ Three policies, chosen by ``[llm] scheduler``:
   service while its own decays), and a running request keeps its place against a challenger until the
   challenger's service is ``rr_slice`` tokens lower (so two owners do not swap places every token).
 
-Policies are called under the engine's lock, from submitting threads (``add``) and the engine thread (the
-rest); they need no locking of their own.  ``req`` objects are ``kernel.engine.Request``; a policy reads only
+Schedulers are called under the engine's lock, from submitting threads (``add``) and the engine thread (the
+rest); they need no locking of their own.  ``req`` objects are ``kernel.llm.request.Request``; a scheduler reads only
 ``req.id`` (arrival order), ``req.owner`` and ``req.priority``.
 """
 from __future__ import annotations
@@ -30,18 +33,20 @@ from __future__ import annotations
 import time
 from collections import deque
 
-POLICIES = ("fifo", "rr", "fair")
+SCHEDULERS = ("fifo", "rr", "fair")
 DEFAULT_RR_SLICE = 32
 DEFAULT_HALFLIFE_S = 60.0
 
 
-class Policy:
-    """The interface every policy implements.  ``len(policy)`` is the number of pending requests it holds."""
+class Scheduler:
+    """The interface every scheduler implements.  ``len(scheduler)`` is the number of pending requests it holds.
+    Subclasses implement ``add``, ``remove``, ``pick``, ``charge`` and ``__len__``; ``order`` and ``shed`` are the
+    decisions every policy shares."""
 
     name = "?"
 
     def add(self, req) -> None:
-        """A request is pending (it stays in the policy until ``remove``)."""
+        """A request is pending (it stays in the scheduler until ``remove``)."""
         raise NotImplementedError
 
     def remove(self, req) -> None:
@@ -59,8 +64,26 @@ class Policy:
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def order(self, n: int, running: set, unfinished: list) -> list:
+        """Up to ``n`` requests to run in the next step, best first: the policy's ``pick(n, running)``, except
+        that the requests in ``unfinished`` -- made resident, not yet sampled a token -- come first, in arrival
+        order.  A minimum quantum, whatever the policy says: a preemption must never undo a prefill before it
+        bore fruit (a text eviction would recompute it, again and again)."""
+        chosen = self.pick(n, running)
+        if not unfinished:
+            return chosen
+        first = sorted(unfinished, key=lambda r: r.id)
+        keep = set(first)
+        return (first + [r for r in chosen if r not in keep])[:n]
 
-class FifoPolicy(Policy):
+    def shed(self, plan: list) -> int:
+        """The index in ``plan`` (this step's sequences, best first) of the one to leave out of the step when
+        its new tokens do not fit the KV pool and nothing else can be evicted: the least preferred.  It stays
+        resident (preempted), so it becomes evictable for the next try."""
+        return len(plan) - 1
+
+
+class FifoScheduler(Scheduler):
     """First come, first served: the ``n`` oldest pending requests run."""
 
     name = "fifo"
@@ -86,7 +109,7 @@ class FifoPolicy(Policy):
         return len(self._queue)
 
 
-class RoundRobinPolicy(Policy):
+class RoundRobinScheduler(Scheduler):
     """Round robin: the first ``n`` of a queue run; one that has used ``slice_tokens`` goes to the back."""
 
     name = "rr"
@@ -127,7 +150,7 @@ def priority_weight(priority: int) -> float:
     return 2.0 ** (max(-50, min(50, priority)) / 5.0)
 
 
-class FairPolicy(Policy):
+class FairScheduler(Scheduler):
     """Least attained service per owner, weighted by priority, decayed over time, with a hysteresis of one
     slice for running requests (see the module docstring)."""
 
@@ -193,12 +216,13 @@ class FairPolicy(Policy):
         return len(self._reqs)
 
 
-def make_policy(name: str, *, rr_slice: int = DEFAULT_RR_SLICE, halflife_s: float = DEFAULT_HALFLIFE_S) -> Policy:
-    """The policy called ``name`` (``fifo``, ``rr``, ``fair``); ValueError naming the choices otherwise."""
+def make_scheduler(name: str, *, rr_slice: int = DEFAULT_RR_SLICE,
+                   halflife_s: float = DEFAULT_HALFLIFE_S) -> Scheduler:
+    """The scheduler called ``name`` (``fifo``, ``rr``, ``fair``); ValueError naming the choices otherwise."""
     if name == "fifo":
-        return FifoPolicy()
+        return FifoScheduler()
     if name == "rr":
-        return RoundRobinPolicy(rr_slice)
+        return RoundRobinScheduler(rr_slice)
     if name == "fair":
-        return FairPolicy(rr_slice, halflife_s)
-    raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(POLICIES)}")
+        return FairScheduler(rr_slice, halflife_s)
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")

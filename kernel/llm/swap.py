@@ -1,4 +1,4 @@
-"""The context manager: evicting a sequence's KV cache out of the llama context and restoring it exactly.
+"""Swap: evicting a sequence's KV cache out of the llama context and restoring it exactly.
 
 A sequence the scheduler leaves out of a step is *preempted*: it keeps its sequence slot and its KV cells and
 costs nothing but memory.  When the engine needs its slot or its cells, it is *evicted*:
@@ -15,7 +15,7 @@ One limit, llama.cpp's: a sequence's snapshot leaves out the sliding-window laye
 can no longer see (positions more than ``n_swa`` = 512 behind, for Gemma 3).  Continuing the sequence needs
 none of them, but the restored cache is then smaller than the live one was, the attention kernels run on a
 different shape, and the logits round differently (by up to ~1.5 measured, as with batching: see
-kernel/engine.py).  So a resumed sequence is bit-identical to an uninterrupted one while it is within the
+kernel/llm/engine.py).  So a resumed sequence is bit-identical to an uninterrupted one while it is within the
 window, and equal to it like a batched one beyond (identical wherever the top choice is clear).  For the same
 reason the engine reuses a prefix of a restored sequence only where the first new token's window stays above
 the cells that were left out.
@@ -23,7 +23,7 @@ the cells that were left out.
 When a snapshot cannot be taken (a core whose memory cannot be saved per sequence, ``[llm] snapshots =
 false``, or both budgets full) the engine falls back to *text*: it keeps the sequence's tokens, which it always
 has, and recomputes their KV on resume, as a cold prompt.  That is correct but not bit-exact: a prompt
-prefilled in one batch rounds differently from the same tokens decoded one by one (kernel/engine.py's
+prefilled in one batch rounds differently from the same tokens decoded one by one (kernel/llm/engine.py's
 docstring).
 
 Snapshots of idle sessions (a finished conversation kept for its next turn) are *droppable*: they are kept in
@@ -68,8 +68,8 @@ class Snapshot:
         return f"<Snapshot {self.n_tokens}t {self.size // 1024} KiB {self.where}>"
 
 
-class ContextManager:
-    """Evicts and restores sequences of one llama context (``attach`` it first)."""
+class Swap:
+    """Evicts and restores sequences of one llama context (``attach`` it first): the engine's swap space."""
 
     def __init__(self, *, ram_budget: int = 512 * MB, disk_budget: int = 2048 * MB, swap_dir: str | None = None,
                  enabled: bool = True):
@@ -114,7 +114,7 @@ class ContextManager:
             if self.enabled and n_tokens > 0:
                 snap = self._take(seq_id, n_tokens, droppable)
         except Exception:
-            log.exception("context: snapshot of sequence %d failed; falling back to recomputation", seq_id)
+            log.exception("swap: snapshot of sequence %d failed; falling back to recomputation", seq_id)
             snap = None
         llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         if droppable:
@@ -134,7 +134,7 @@ class ContextManager:
                 n = llama_cpp.llama_state_seq_set_data(self._ctx, data, snap.size, seq_id)
                 ok = n == snap.size
         except Exception:
-            log.exception("context: restoring a snapshot into sequence %d failed", seq_id)
+            log.exception("swap: restoring a snapshot into sequence %d failed", seq_id)
         if not ok:
             llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
             self.counts["restore_failures"] += 1
@@ -181,7 +181,7 @@ class ContextManager:
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
         if n != size:
-            log.warning("context: sequence %d saved %d of %d bytes; not keeping it", seq_id, n, size)
+            log.warning("swap: sequence %d saved %d of %d bytes; not keeping it", seq_id, n, size)
             return None
         snap = Snapshot(n_tokens, size, buf, droppable)
         if in_ram:
@@ -194,7 +194,7 @@ class ContextManager:
             except OSError as exc:  # a full or failing disk (ENOSPC, EFBIG, EIO): recompute this one instead
                 self.counts["spill_failures"] += 1
                 if self.counts["spill_failures"] == 1:  # once: the counter in stats() tells the rest
-                    log.warning("context: cannot spill a snapshot to %s (%s); evictions that do not fit in RAM "
+                    log.warning("swap: cannot spill a snapshot to %s (%s); evictions that do not fit in RAM "
                                 "are recomputed from their tokens", self.swap_dir, exc.strerror or exc)
                 return None
         return snap
