@@ -125,6 +125,7 @@ class SandboxSection(Section):
                                     "or nobody")] = 200000
     uid_count: Annotated[int, _range(1, 1_000_000, "uids in the pool")] = 1000
     cgroups: bool = True      # per-agent cgroups (memory, pids, cpu), where the kernel may create them
+    cgroup_dir: str = ""      # a cgroup v2 directory delegated to the kernel; empty: its own cgroup if delegated
     cpu_quota: Annotated[float, _range(0, 4096, "CPUs per agent; 0: no quota")] = 1.0
     scratch_tmpfs: bool = True  # a tmpfs of its own on each agent's scratch dir, when the kernel may mount one
     extra_read: list[str] = []  # more read-only paths for agents (Landlock)

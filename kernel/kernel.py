@@ -112,7 +112,7 @@ class Kernel:
         self.host = Host(self.runtime_dir, [str(self.state_dir), str(Path(model_path).absolute().parent)],
                          uid_base=sb.uid_base, uid_count=sb.uid_count, cpu_quota=sb.cpu_quota or None,
                          extra_read=list(sb.extra_read), use_uids=sb.uids, use_cgroups=sb.cgroups,
-                         use_tmpfs=sb.scratch_tmpfs)
+                         use_tmpfs=sb.scratch_tmpfs, cgroup_dir=sb.cgroup_dir or None)
 
     # --- start-up ------------------------------------------------------------------------------------
     def _prepare_runtime_dir(self) -> None:
