@@ -21,6 +21,7 @@ import msgspec
 from msgspec import Meta
 
 from kernel.llm.scheduler import SCHEDULERS
+from kernel.storage import BACKENDS as STORAGE_BACKENDS
 from syscalls.codec import DEFAULT_MAX_FRAME
 from syscalls.schemas import Limits
 from syscalls.table import ADMIN, BASIC, LLM, MEMORY, PRIVILEGES, PROC, STORAGE, TOOLS, TOOLWORK
@@ -135,6 +136,7 @@ class SandboxSection(Section):
 
 class StorageSection(Section):
     """``[storage]``: the storage manager (docs/storage.md)."""
+    backend: Literal[STORAGE_BACKENDS] = "sqlite"  # kernel/storage.py BACKENDS (a shared one: docs/scale.md)
     path: str = ""             # the SQLite file; empty: <state-dir>/storage.db
     max_value_mb: Annotated[int, _range(1, 1 << 16, "MB of one value")] = 64
     keep_versions: Annotated[int, _range(1, 1 << 16, "versions kept per key")] = 16

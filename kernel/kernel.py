@@ -27,7 +27,7 @@ from kernel.access import Audit, Grants, Pending
 from kernel.memory import MemoryManager
 from kernel import toolcalls
 from kernel.tools import BUILTIN_POOLS, BUILTIN_TOOLS, TOOL_GROUP, ToolManager, mcp_profile
-from kernel.storage import MB, Storage
+from kernel.storage import MB, Backend, StorageUnavailable, open_storage
 from kernel.metrics import Metrics
 from kernel.sdnotify import Notifier
 from kernel.worker import PREP_STACK_BYTES, Worker
@@ -83,7 +83,7 @@ class Kernel:
         self.engine: Engines | None = None
         self.preparer: Worker | None = None
         self._preparing: dict[Call, tuple[bool, int]] = {}  # LLM calls being prepared -> (stream, priority)
-        self.storage: Storage | None = None
+        self.storage: Backend | None = None
         self.storage_worker: Worker | None = None  # the storage manager's one writer
         self.memory: MemoryManager | None = None
         self.memory_worker: Worker | None = None  # memory calls: embedding, search, writes
@@ -643,12 +643,11 @@ class Kernel:
         st, kc = self.config.storage, self.config.kernel
         path = Path(st.path) if st.path else self.state_dir / "storage.db"
         try:
-            self.storage = Storage(path, max_value_bytes=st.max_value_mb * MB,
-                                   max_read=max(512, kc.max_frame // 2), keep_versions=st.keep_versions,
-                                   keep_bytes=st.keep_mb * MB, upload_ttl_s=st.upload_ttl_s)
-        except (sqlite3.Error, OSError) as exc:
-            raise KernelError(f"cannot open the storage database {path}: {exc}; "
-                              "check the state dir's permissions and free space") from None
+            self.storage = open_storage(st.backend, path, max_value_bytes=st.max_value_mb * MB,
+                                        max_read=max(512, kc.max_frame // 2), keep_versions=st.keep_versions,
+                                        keep_bytes=st.keep_mb * MB, upload_ttl_s=st.upload_ttl_s)
+        except StorageUnavailable as exc:
+            raise KernelError(str(exc)) from None
         self.storage_worker = Worker(self._on_offloaded, name="aiosd-storage", group=self.storage.group)
         mem = self.config.memory
         path = Path(mem.path) if mem.path else self.state_dir / "memory.db"
