@@ -126,10 +126,10 @@ def run_aiosd(share: str, layout: str = "auto") -> dict:
             ends.append(got["end"])
         wall = max(ends) - start
         cpu = sum(kproc.cpu_times()[:2]) - cpu0
-        stats = kernel.client.call("sys.status").get("llm", {})
+        status = kernel.client.call("sys.status")
     finally:
         kernel.stop()
-    return summarize(turns, wall, cpu, stats)
+    return dict(summarize(turns, wall, cpu, status.get("llm", {})), loop=status.get("loop", {}))
 
 
 # ---- llama-cpp-python's server ----------------------------------------------------------------------------
