@@ -1,12 +1,16 @@
-"""``aiosctl``: control a running kernel (run, ps, kill, logs, status, shutdown, storage, access, pending,
-approve, deny, audit).
+"""``aiosctl``: control a running kernel (run, ps, kill, logs, status, shutdown, reload, metrics, top, storage,
+access, pending, approve, deny, audit).  ``--json`` (before or after the command) makes every command print
+JSON: one document, or one object a line for what streams (``logs -f``, ``run --wait``, ``top``).
 
-Exit status: 0 success; 1 the kernel refused (the ABI error is printed); 2 usage; 3 no kernel is running at
-the runtime dir.  ``run --wait`` exits with the agent's own status (128 + signal when it was killed).
+Exit status (docs/operating.md, "aiosctl"): 0 success; 1 the kernel refused (the ABI error is printed) or a file
+could not be read, or ``audit --verify`` found the chain broken; 2 usage; 3 no kernel is running at the runtime
+dir (or it does not answer); 130 interrupted.  ``run --wait`` exits with the agent's own status (128 + signal
+when it was killed, 1 when it has none: LOST).
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -17,8 +21,10 @@ from agentproc import storage
 from agentproc.client import Client
 from syscalls import address as codec
 from syscalls.errors import ETIMEDOUT, SyscallError
+from syscalls.schemas import KILL_SIGNALS
 
-NO_KERNEL = 3
+REFUSED, USAGE, NO_KERNEL, INTERRUPTED = 1, 2, 3, 130  # exit statuses (module docstring)
+RECHECK_S = 2.0  # a follow stream quiet this long: is the kernel still there?
 
 
 class NoKernel(Exception):
@@ -38,6 +44,31 @@ def _client(runtime_dir: str, timeout: float) -> Client:
         raise NoKernel(f"the kernel at {runtime_dir} does not answer; is it stopped? "
                        f"(remove {sock} if it is stale)") from None
     return client
+
+
+def _emit(a, value) -> None:
+    """Print ``value`` as one JSON document (``--json``)."""
+    print(json.dumps(value, indent=2))
+
+
+def _line(value) -> None:
+    """One JSON object on one line (streams under ``--json``)."""
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+def _plain(obj) -> dict:
+    """A storage Version as a JSON-ready dict (its ``data``, for a Value: ``data`` as UTF-8 text, or
+    ``data_base64`` when it is not text)."""
+    d = {k: getattr(obj, k) for k in ("key", "version", "size", "sha256", "content_type", "mtime", "deleted",
+                                      "versions") if getattr(obj, k, None) is not None}
+    data = getattr(obj, "data", None)
+    if data is not None:
+        try:
+            d["data"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            d["data_base64"] = base64.b64encode(data).decode()
+    return d
 
 
 def _age(record: dict) -> str:
@@ -98,13 +129,69 @@ def _exit_status(record: dict) -> int:
     return 128 - st if st < 0 else st
 
 
-def _follow(c: Client, pid: int, follow: bool) -> dict:
-    s = c.stream("proc.logs", {"id": pid, "follow": follow}, timeout=None)
-    for piece in s:
-        out = sys.stdout if piece["fd"] == 1 else sys.stderr
-        out.write(piece["data"])
-        out.flush()
-    return s.result
+class KernelGone(Exception):
+    """The kernel stopped answering in the middle of a follow."""
+
+
+def _stream_logs(c: Client, pid: int, a) -> dict:
+    """Print ``pid``'s captured output, then what it prints until it ends; its final record.  Raises KernelGone
+    when the stream has been quiet ``RECHECK_S`` and the kernel does not answer a ping."""
+    s = c.stream("proc.logs", {"id": pid, "follow": True}, timeout=RECHECK_S)
+    while True:
+        try:
+            piece = next(s)
+        except StopIteration:
+            return s.result
+        except ETIMEDOUT:
+            try:
+                c.call("sys.ping", timeout=RECHECK_S)
+            except (ETIMEDOUT, SyscallError):  # gone, or a new kernel that no longer knows our credential
+                raise KernelGone() from None
+            continue
+        if a.json:
+            _line({"id": pid, **piece})
+        else:
+            out = sys.stdout if piece["fd"] == 1 else sys.stderr
+            out.write(piece["data"])
+            out.flush()
+
+
+def _reconnect(a) -> Client:
+    """A client of the kernel at the runtime dir, once one answers again (a restart takes a while)."""
+    print(f"aiosctl: the kernel at {a.runtime_dir} went away; waiting for it to come back", file=sys.stderr)
+    while True:
+        try:
+            return _client(a.runtime_dir, RECHECK_S)
+        except NoKernel:
+            time.sleep(0.5)
+
+
+def _record(c: Client, pid: int) -> dict:
+    for p in c.call("proc.list")["procs"]:
+        if p["id"] == pid:
+            return p
+    raise SyscallError(f"no process with id {pid}", "ENOENT")
+
+
+def _follow(holder: list, pid: int, a) -> dict:
+    """Follow ``pid``'s output to the end of its restart chain: from run to run as it is relaunched, and across
+    restarts of the kernel (reconnecting; the run that was alive is LOST, and its relaunch is followed).
+    ``holder[0]`` is the client, replaced on reconnection.  Returns the chain's last record."""
+    while True:
+        try:
+            rec = _stream_logs(holder[0], pid, a)
+            while rec["next"] is None and rec["restart_at"] is not None:  # waiting for its relaunch
+                time.sleep(min(0.5, max(0.05, rec["restart_at"] - time.time())))
+                rec = _record(holder[0], pid)
+        except (KernelGone, ETIMEDOUT):
+            holder[0].close()
+            holder[0] = _reconnect(a)
+            continue
+        if rec["next"] is None:
+            return rec
+        print(f"aiosctl: agent {pid} ended ({rec['state']} {rec['reason'] or rec['exit_status']}); following its "
+              f"relaunch {rec['next']}", file=sys.stderr)
+        pid = rec["next"]
 
 
 def cmd_run(c: Client, a) -> int:
@@ -115,25 +202,56 @@ def cmd_run(c: Client, a) -> int:
         args["name"] = a.name
     if a.fleet:
         args["fleet"] = a.fleet
+    if a.restart != "no":
+        args["restart"] = a.restart
     limits = {k: getattr(a, k) for k in LIMIT_FLAGS if getattr(a, k) is not None}
     if limits:
         args["limits"] = limits
     rec = c.call("proc.spawn", args)
     if not a.wait:
-        print(rec["id"])
+        if a.json:
+            _emit(a, rec)
+        else:
+            print(rec["id"])
         return 0
-    return _exit_status(_follow(c, rec["id"], follow=True))
+    end = _follow(a.holder, rec["id"], a)
+    if a.json:
+        _line(end)
+    return _exit_status(end)
+
+
+def signal_name(text: str) -> str:
+    """``TERM``, ``SIGTERM``, ``sigterm`` or ``15`` -> ``"SIGTERM"`` (argparse type of ``kill -s``)."""
+    name = text.upper()
+    if text.isdigit():
+        try:
+            name = signal.Signals(int(text)).name
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"no signal number {text}") from None
+    name = name if name.startswith("SIG") else "SIG" + name
+    if name not in KILL_SIGNALS:
+        raise argparse.ArgumentTypeError(f"{text}: the kernel sends {', '.join(KILL_SIGNALS)}")
+    return name
 
 
 def cmd_kill(c: Client, a) -> int:
-    rec = c.call("proc.kill", {"id": a.id})
-    print(f"killed {rec['id']} ({rec['name']})")
+    rec = c.call("proc.kill", {"id": a.id, "signal": a.signal})
+    if a.json:
+        _emit(a, rec)
+    elif a.signal == "SIGKILL":
+        print(f"killed {rec['id']} ({rec['name']})")
+    else:
+        print(f"sent {a.signal} to {rec['id']} ({rec['name']})")
     return 0
 
 
 def cmd_logs(c: Client, a) -> int:
     if a.follow:
-        _follow(c, a.id, follow=True)
+        end = _follow(a.holder, a.id, a)
+        if a.json:
+            _line(end)
+    elif a.json:
+        _emit(a, c.call("proc.logs", {"id": a.id}))
     else:
         sys.stdout.write(c.call("proc.logs", {"id": a.id})["output"])
     return 0
@@ -189,10 +307,14 @@ def cmd_top(c: Client, a) -> int:
     n = 0
     while True:
         now = time.monotonic()
-        frame = top_frame(c.call("sys.status"), c.call("proc.list")["procs"], prev, now - last if last else 0.0)
+        st, procs = c.call("sys.status"), c.call("proc.list")["procs"]
+        if a.json:
+            _line({"time": time.time(), "status": st, "procs": procs})
+        else:
+            frame = top_frame(st, procs, prev, now - last if last else 0.0)
+            sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + frame + ("" if tty else "\n"))
+            sys.stdout.flush()
         last = now
-        sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + frame + ("" if tty else "\n"))
-        sys.stdout.flush()
         n += 1
         if a.once or (a.count and n >= a.count):
             return 0
@@ -201,7 +323,11 @@ def cmd_top(c: Client, a) -> int:
 
 def cmd_metrics(c: Client, a) -> int:
     """The kernel's Prometheus metrics (text exposition format), as a scraper would read them."""
-    sys.stdout.write(c.call("sys.metrics")["text"])
+    got = c.call("sys.metrics")
+    if a.json:
+        _emit(a, got)
+    else:
+        sys.stdout.write(got["text"])
     return 0
 
 
@@ -209,19 +335,27 @@ def cmd_reload(c: Client, a) -> int:
     """SIGHUP to the kernel (its pid from sys.status): it re-reads its config file (docs/operating.md)."""
     pid = c.call("sys.status")["pid"]
     os.kill(pid, signal.SIGHUP)
-    print(f"asked aiosd (pid {pid}) to reload its config; its log says what it applied or refused")
+    if a.json:
+        _emit(a, {"pid": pid, "signal": "SIGHUP"})
+    else:
+        print(f"asked aiosd (pid {pid}) to reload its config; its log says what it applied or refused")
     return 0
 
 
 def cmd_shutdown(c: Client, a) -> int:
-    c.call("sys.shutdown")
-    print("kernel shutting down")
+    got = c.call("sys.shutdown")
+    if a.json:
+        _emit(a, got)
+    else:
+        print("kernel shutting down")
     return 0
 
 
 def cmd_storage(c: Client, a) -> int:
     """``storage ls|get|put|versions|rollback NAMESPACE [KEY]``: an operator's view of any namespace."""
     ns = a.namespace
+    if a.json:
+        return _storage_json(c, a)
     if a.action == "ls":
         for e in storage.list(a.key or "", namespace=ns, client=c):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime))
@@ -249,10 +383,37 @@ def cmd_storage(c: Client, a) -> int:
     return 0
 
 
+def _storage_json(c: Client, a) -> int:
+    """``storage`` under ``--json``: entries, versions and values as objects (a value's data as text, or
+    ``data_base64``)."""
+    ns = a.namespace
+    if a.action == "ls":
+        _emit(a, [_plain(e) for e in storage.list(a.key or "", namespace=ns, client=c)])
+        return 0
+    if not a.key:
+        raise SystemExit(f"aiosctl storage {a.action} needs a KEY after the namespace")
+    if a.action == "get":
+        _emit(a, _plain(storage.get(a.key, version=a.version, namespace=ns, client=c)))
+    elif a.action == "put":
+        data = sys.stdin.buffer.read() if a.file in (None, "-") else open(a.file, "rb").read()
+        _emit(a, _plain(storage.put(a.key, data, content_type=a.content_type, if_version=a.if_version,
+                                    namespace=ns, client=c)))
+    elif a.action == "versions":
+        _emit(a, [_plain(v) for v in storage.versions(a.key, namespace=ns, client=c)])
+    elif a.action == "rollback":
+        if a.version is None:
+            raise SystemExit("aiosctl storage rollback needs --version N (see `aiosctl storage versions`)")
+        _emit(a, _plain(storage.rollback(a.key, a.version, namespace=ns, client=c)))
+    return 0
+
+
 def cmd_access(c: Client, a) -> int:
     """``access ls|grant|revoke``: the grants of any namespace."""
     if a.action == "ls":
         got = c.call("access.list", {"namespace": a.namespace})
+        if a.json:
+            _emit(a, got)
+            return 0
         for g in got["granted"]:
             print(f"{g['id']}\t{g['namespace']}/{g['prefix']}*\t-> {g['to']}\t{g['mode']}\tby {g['by']}")
         for g in got["received"]:
@@ -261,21 +422,34 @@ def cmd_access(c: Client, a) -> int:
         if not a.to:
             raise SystemExit("aiosctl access grant NAMESPACE --to AGENT|group:NAME [--mode read-write] [--prefix P]")
         g = c.call("access.grant", {"namespace": a.namespace, "to": a.to, "mode": a.mode, "prefix": a.prefix})
+        if a.json:
+            _emit(a, g)
+            return 0
         print(f"grant {g['id']}: {g['to']} may {g['mode']} {g['namespace']}/{g['prefix']}*")
     else:
-        c.call("access.revoke", {"id": int(a.namespace)})
-        print(f"revoked grant {a.namespace}")
+        got = c.call("access.revoke", {"id": int(a.namespace)})
+        if a.json:
+            _emit(a, got)
+        else:
+            print(f"revoked grant {a.namespace}")
     return 0
 
 
 def cmd_pending(c: Client, a) -> int:
-    for w in c.call("access.pending")["pending"]:
+    got = c.call("access.pending")
+    if a.json:
+        _emit(a, got)
+        return 0
+    for w in got["pending"]:
         print(f"{w['id']}\t{w['who']}\t{w['what']}\t({w['why']}; expires in {w['expires_in']:.0f} s)")
     return 0
 
 
 def cmd_decide(c: Client, a) -> int:
     w = c.call("access.decide", {"id": a.id, "approve": a.cmd == "approve"})
+    if a.json:
+        _emit(a, w)
+        return 0
     print(f"{'approved' if a.cmd == 'approve' else 'denied'} {w['id']}: {w['who']}: {w['what']}")
     return 0
 
@@ -288,6 +462,9 @@ def cmd_audit(c: Client, a) -> int:
     if a.verify:
         with open(path, encoding="utf-8") as f:
             n, problem = verify(f)
+        if a.json:
+            _emit(a, {"path": path, "records": n, "intact": problem is None, "problem": problem})
+            return 0 if problem is None else 1
         print(f"{path}: {n} records, chain intact" if problem is None else f"{path}: {problem} (after {n} good)")
         return 0 if problem is None else 1
     with open(path, encoding="utf-8") as f:
@@ -313,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime-dir", default=codec.default_runtime_dir(),
                     help="the kernel's runtime dir (default: $AIOSD_RUNTIME_DIR, $XDG_RUNTIME_DIR/aiosd or /tmp/aiosd-UID)")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the kernel (default 10)")
+    ap.add_argument("--json", action="store_true", help="print JSON (also accepted after the command)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="start an agent program")
     p.add_argument("file")
@@ -320,25 +498,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", default="default")
     p.add_argument("--fleet", help="launch it in this fleet: with [llm] share_prefix = \"fleet\", agents of one "
                                    "fleet reuse each other's cached prompts (docs/engine.md)")
-    p.add_argument("--wait", action="store_true", help="stream its output and exit with its status")
+    p.add_argument("--wait", action="store_true", help="stream its output (across relaunches and kernel restarts) "
+                                                       "and exit with its status")
+    p.add_argument("--restart", choices=("no", "on-failure", "always"), default="no",
+                   help="relaunch it when it fails (on-failure) or whenever it ends (always), with backoff and a "
+                        "crash-loop limit; also after a kernel restart (docs/operating.md, \"Restarts\")")
     for key, what in LIMIT_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, metavar="N",
                        help=f"limit: {what} (default: the group's)")
     p.add_argument("args", nargs="*", help="arguments for the program (after --)")
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("ps", help="list processes")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_ps)
-    p = sub.add_parser("kill", help="kill an agent")
+    sub.add_parser("ps", help="list processes").set_defaults(fn=cmd_ps)
+    p = sub.add_parser("kill", help="kill an agent, or send it a signal (a stop also ends its restart chain)")
     p.add_argument("id", type=int)
+    p.add_argument("-s", "--signal", type=signal_name, default="SIGKILL", metavar="SIGNAL",
+                   help=f"TERM, SIGTERM or 15 ... (default KILL; one of {', '.join(KILL_SIGNALS)})")
     p.set_defaults(fn=cmd_kill)
     p = sub.add_parser("logs", help="an agent's captured output")
     p.add_argument("id", type=int)
-    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="then what it prints until it ends, across relaunches and kernel restarts")
     p.set_defaults(fn=cmd_logs)
-    p = sub.add_parser("status", help="is a kernel running, with what? (exit 3 if not)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_status)
+    sub.add_parser("status", help="is a kernel running, with what? (exit 3 if not)").set_defaults(fn=cmd_status)
     sub.add_parser("shutdown", help="stop the kernel and its agents").set_defaults(fn=cmd_shutdown)
     sub.add_parser("metrics", help="the kernel's Prometheus metrics").set_defaults(fn=cmd_metrics)
     p = sub.add_parser("top", help="a live view of agents (CPU, RSS, tokens/s) and engines")
@@ -371,28 +552,37 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=cmd_decide)
     p = sub.add_parser("audit", help="the audit log of access decisions, grants and confirmations")
     p.add_argument("--follow", "-f", action="store_true")
-    p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true", help="check the hash chain (exit 1 if a record was altered)")
     p.add_argument("--file", help="the log to read (default: the kernel's, from sys.status)")
     p.set_defaults(fn=cmd_audit)
+    for p in sub.choices.values():  # --json after the command too, without overriding one given before it
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     a = ap.parse_args(argv)
     try:
         client = _client(a.runtime_dir, a.timeout)
     except NoKernel as exc:
-        print(f"aiosctl: {exc}", file=sys.stderr)
-        return NO_KERNEL
+        return _fail(a, "ENOKERNEL", str(exc), NO_KERNEL)
+    a.holder = [client]  # the client, replaced when a follow reconnects to a restarted kernel
     try:
         return a.fn(client, a)
     except SyscallError as exc:
-        print(f"aiosctl: {exc}", file=sys.stderr)
-        return 1
+        return _fail(a, exc.code, exc.message, REFUSED)
     except OSError as exc:
-        print(f"aiosctl: {exc}", file=sys.stderr)
-        return 1
+        return _fail(a, "EIO", str(exc), REFUSED)
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     finally:
-        client.close()
+        a.holder[0].close()
+
+
+def _fail(a, code: str, message: str, status: int) -> int:
+    """Report an error: ``aiosctl: message`` on stderr, or with ``--json`` ``{"error": {"code", "message"}}`` on
+    stdout; return the exit status."""
+    if a.json:
+        print(json.dumps({"error": {"code": code, "message": message}}))
+    else:
+        print(f"aiosctl: {message if code in ('ENOKERNEL', 'EIO') else f'{code}: {message}'}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

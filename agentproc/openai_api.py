@@ -20,7 +20,7 @@ results as user turns), ``max_tokens``/``max_completion_tokens``, ``temperature`
 constrained tool calls), ``response_format`` (``json_schema``, ``json_object``), ``n`` = 1.  A model name the
 kernel does not serve (agents written for hosted models name theirs) is answered by the kernel's default model
 and the response's ``model`` says which.  ABI errors become the statuses openai maps to its exceptions: EINVAL
-400 ``BadRequestError``, EPERM 403, ENOENT 404, EAGAIN 429 (retried), EDQUOT 429 not retried, ETIMEDOUT 504,
+400 ``BadRequestError`` (also E2BIG and ENOTSUP), EPERM 403, ENOENT 404, EAGAIN 429 (retried), EDQUOT 429 not retried, ETIMEDOUT 504,
 ECANCELED 503 not retried, others 500.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from agentproc.openai_hook import HOST
 STATUS = {
     "EINVAL": (400, "invalid_request_error", False), "EBADMSG": (400, "invalid_request_error", False),
     "E2BIG": (400, "invalid_request_error", False), "EPROTO": (400, "invalid_request_error", False),
+    "ENOTSUP": (400, "invalid_request_error", False),
     "EPERM": (403, "permission_error", False), "EACCES": (403, "permission_error", False),
     "ENOENT": (404, "not_found_error", False), "ENOSYS": (404, "not_found_error", False),
     "EAGAIN": (429, "rate_limit_error", True), "EDQUOT": (429, "insufficient_quota", False),

@@ -22,10 +22,12 @@ def list(*, client: Client | None = None) -> list[Proc]:  # noqa: A001
     return [Proc(r) for r in (client or default()).call("proc.list")["procs"]]
 
 
-def kill(pid: int, *, client: Client | None = None) -> Proc:
-    """proc.kill: kill process ``pid`` (an agent may only kill itself unless its group has ``admin``).
-    Returns the record as it stands once the kill is sent; ``ENOENT`` for an unknown id."""
-    return Proc((client or default()).call("proc.kill", {"id": pid}))
+def kill(pid: int, signal: str = "SIGKILL", *, client: Client | None = None) -> Proc:
+    """proc.kill: kill process ``pid``, or send it ``signal`` (``"SIGTERM"``, ``"SIGUSR1"``...: docs/abi.md); an
+    agent may only signal itself unless its group has ``admin``.  ``SIGKILL``, ``SIGTERM``, ``SIGINT`` and
+    ``SIGQUIT`` also end its restart chain.  Returns the record as it stands once the signal is sent; ``ENOENT``
+    for an unknown id, ``EINVAL`` for a signal the kernel does not send."""
+    return Proc((client or default()).call("proc.kill", {"id": pid, "signal": signal}))
 
 
 def logs(pid: int, *, client: Client | None = None) -> dict:
@@ -37,7 +39,7 @@ def logs(pid: int, *, client: Client | None = None) -> dict:
 def spawn(source: str, *, name: str | None = None, group: str = "default", client: Client | None = None,
           **args) -> Proc:
     """proc.spawn: start ``source`` (Python) as a new agent named ``name`` in ``group``; further ABI arguments
-    (``argv``, ``limits``, ``filename``, ``fleet``...) pass as keywords.  Needs privilege ``admin`` (``EPERM``
+    (``argv``, ``limits``, ``filename``, ``fleet``, ``restart``...) pass as keywords.  Needs privilege ``admin`` (``EPERM``
     otherwise).  Returns the new record; wait for it with ``proc.list`` or ``proc.logs``."""
     call = {"source": source, "group": group, **args}
     if name is not None:

@@ -67,6 +67,8 @@ SHARE_SCOPES = ("agent", "fleet", "group", "all")  # [llm] share_prefix, narrowe
 KV_LAYOUTS = ("auto", "unified", "streams")
 CONFIRMS = ("delete", "overwrite", "cross_write")  # [access] confirm
 MCP_CONFIRMS = ("destructive", "always", "never")  # [mcp.NAME] confirm
+MODEL_KINDS = ("local", "openai")  # [models.NAME] kind: a GGUF the kernel loads, or a remote core (docs/remote.md)
+RESPONSE_FORMATS = ("json_schema", "json_object", "none")  # [models.NAME] response_format
 MCP_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 DAY = 86400
 
@@ -152,12 +154,29 @@ class AccessSection(Section):
 
 
 class ModelSection(Section):
-    """``[models.NAME]``: another model to serve; 0 = as in ``[llm]``."""
-    path: Annotated[str, Meta(min_length=1, description="the model's .gguf file")]
+    """``[models.NAME]``: another model to serve; 0 = as in ``[llm]``.  ``kind = "local"``: a GGUF file the
+    kernel loads (``path``); ``kind = "openai"``: a remote core, an OpenAI-compatible server (docs/remote.md)."""
+    kind: Literal[MODEL_KINDS] = "local"
+    path: str = ""  # local: the model's .gguf file (required)
     n_ctx_seq: Annotated[int, _range(0, 1 << 20, "0: as in [llm], else at least 64")] = 0
     n_seq_max: Annotated[int, _range(0, 4096, "0: as in [llm]")] = 0
     max_active: Annotated[int, _range(0, 4096, "0: as in [llm]")] = 0
     kv_size: Annotated[int, _range(0, 1 << 26, "0: as in [llm]")] = 0
+    base_url: str = ""         # openai: the server's API root, http(s)://HOST:PORT/v1 (required)
+    model: str = ""            # openai: the server's name of the model; empty: NAME
+    api_key_file: str = ""     # openai: a file holding the key (read by the kernel at start) ...
+    api_key_env: str = ""      # ... or the kernel's environment variable holding it; neither: no key
+    concurrency: Annotated[int, _range(1, 1024, "requests in flight to the server, all agents")] = 4
+    agent_concurrency: Annotated[int, _range(0, 1024, "one agent's share; 0: half, rounded up")] = 0
+    tokens_per_s: Annotated[int, _range(0, 1 << 30, "tokens a second, all agents; 0: no limit")] = 0
+    timeout_s: Annotated[float, Meta(gt=0, le=3600, description="seconds the server may send nothing")] = 120.0
+    connect_timeout_s: Annotated[float, Meta(gt=0, le=3600, description="seconds to connect")] = 5.0
+    retries: Annotated[int, _range(0, 10, "tries again of a request that failed before reaching the agent")] = 2
+    breaker_failures: Annotated[int, _range(1, 1000, "failed attempts in a row that open the breaker")] = 5
+    breaker_s: Annotated[float, Meta(gt=0, le=DAY, description="seconds the breaker stays open")] = 30.0
+    response_format: Literal[RESPONSE_FORMATS] = "json_schema"  # openai: how json_schema and tool calls are sent
+    completions: bool = True   # openai: the server offers /v1/completions (llm.generate); false: ENOTSUP
+    send_top_k: bool = True    # openai: send top_k (llama-server, vLLM, llama-cpp-python); false: not sent
 
 
 class McpServer(Section):
@@ -363,6 +382,23 @@ def _mcp(name: str, spec, where: str) -> McpServer:
     return server
 
 
+def _check_model(m: ModelSection, where: str) -> None:
+    """A ``[models.NAME]`` section's keys fit its kind."""
+    if m.kind == "local":
+        if not m.path:
+            raise ConfigError(f"{where} needs path = \"FILE.gguf\" (or kind = \"openai\" and base_url)")
+        return
+    if m.path or not m.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: a remote core (kind = \"openai\") takes base_url = \"http(s)://HOST:PORT/v1\" "
+                          f"and no path; got base_url = {_toml(m.base_url)}, path = {_toml(m.path)}")
+    if m.api_key_file and m.api_key_env:
+        raise ConfigError(f"{where}: api_key_file = {_toml(m.api_key_file)}, api_key_env = {_toml(m.api_key_env)}: "
+                          "give one of them, not both")
+    if m.agent_concurrency > m.concurrency:
+        raise ConfigError(f"{where}: agent_concurrency = {m.agent_concurrency}, concurrency = {m.concurrency}: "
+                          "expected agent_concurrency <= concurrency (0: half of it)")
+
+
 def _check(cfg: Config, path) -> None:
     """The checks that span keys, after every table has passed its schema."""
     sb = cfg.sandbox
@@ -383,6 +419,7 @@ def _check(cfg: Config, path) -> None:
         if 0 < model.n_ctx_seq < 64:
             raise ConfigError(f"{path}: [models.{name}] n_ctx_seq = {model.n_ctx_seq}: expected 0 (as in [llm]) "
                               "or from 64 to 1048576")
+        _check_model(model, f"{path}: [models.{name}]")
     if cfg.llm.default_model and cfg.llm.default_model not in cfg.models:
         raise ConfigError(f"{path}: [llm] default_model = {_toml(cfg.llm.default_model)}: expected the NAME of a "
                           f"[models.NAME] section (there are: {', '.join(cfg.models) or 'none'}) or \"\"")

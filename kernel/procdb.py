@@ -27,7 +27,8 @@ from pathlib import Path
 
 import msgspec
 
-KEEP_RECORDS = 10_000  # records kept across restarts, newest first (live ones always)
+KEEP_RECORDS = 1000  # records kept across restarts, newest first (live and waiting ones always): proc.list
+# answers with every record in one frame, and 1,000 records stay within the default max_frame
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS procs (id INTEGER PRIMARY KEY, record TEXT NOT NULL, spec BLOB);

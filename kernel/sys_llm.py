@@ -46,5 +46,5 @@ def llm_cancel(k: "Kernel", call: Call, args: S.Cancel):
 
 def llm_models(k: "Kernel", call: Call, args: S.NoArgs):
     # Names and context sizes only: never the model files' paths (agents never see the model file).
-    return {"models": [{"name": name, "default": name == k.engine.default, "n_ctx_seq": k.engine.get(name).n_ctx_seq}
-                       for name in k.engine.names]}
+    return {"models": [{"name": name, "default": name == k.engine.default, "n_ctx_seq": k.engine.get(name).n_ctx_seq,
+                        "kind": k.engine.get(name).kind} for name in k.engine.names]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 CODES = (
     "EBADMSG", "EPROTO", "E2BIG", "ENOSYS", "EINVAL", "EPERM", "EACCES", "ENOENT",
-    "EAGAIN", "ETIMEDOUT", "EDQUOT", "ESTALE", "ETOOL", "ECANCELED", "EIO",
+    "EAGAIN", "ETIMEDOUT", "EDQUOT", "ESTALE", "ETOOL", "ECANCELED", "EIO", "ENOTSUP",
 )
 
 # One line each, for the exceptions' docstrings; docs/abi.md section 3 is the full table.
@@ -26,7 +26,8 @@ MEANINGS = {
     "ESTALE": "a compare-and-swap write (if_version) found another version; nothing was written",
     "ETOOL": "a tool failed (raised, crashed or was killed over a limit); only that call",
     "ECANCELED": "the request was cancelled (its process was killed, or the kernel is shutting down)",
-    "EIO": "an internal kernel error; the kernel logged it and keeps serving",
+    "EIO": "an internal kernel error, or a remote core's server failed; the kernel logged it and keeps serving",
+    "ENOTSUP": "the model serving the request cannot do what it asks (a remote core's server lacks the feature)",
 }
 
 
@@ -74,3 +75,4 @@ ESTALE: type[SyscallError]
 ETOOL: type[SyscallError]
 ECANCELED: type[SyscallError]
 EIO: type[SyscallError]
+ENOTSUP: type[SyscallError]

@@ -25,3 +25,4 @@ def config_error(tmp_path, text: str, words: str):
         load(path)
     assert str(path) in str(err.value)
     return err.value
+

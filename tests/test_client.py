@@ -91,4 +91,4 @@ def test_agent_has_three_requests_in_flight(kernel):
     got = agent_result(out)
     assert len(got["texts"]) == 3 and all(got["texts"])
     assert len(got["pieces"]) > 1 and got["gen"]
-    assert got["models"] == [{"name": "default", "default": True, "n_ctx_seq": 1024}]
+    assert got["models"] == [{"name": "default", "default": True, "n_ctx_seq": 1024, "kind": "local"}]

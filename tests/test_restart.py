@@ -161,3 +161,21 @@ def test_second_kernel_on_the_same_state_dir_refuses(kernel_r, tmp_path):
                         str(ensure_default_model(STATE_DIR))],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 1 and "another kernel uses the state dir" in r.stderr, r.stderr
+
+
+def test_the_table_on_disk_keeps_the_newest_records_and_one_kernel(tmp_path):
+    from kernel.procdb import ProcDB, ProcDBError
+
+    db = ProcDB(tmp_path / "procs.db")
+    with pytest.raises(ProcDBError, match="another kernel uses the state dir"):
+        ProcDB(tmp_path / "procs.db")
+    ended = [{"id": i, "state": "EXITED", "restart_at": None} for i in range(1, 8)]
+    db.save(ended + [{"id": 8, "state": "RUNNING", "restart_at": None},
+                     {"id": 9, "state": "EXITED", "restart_at": 1.0}], {9: {"source": "pass"}}, {"next_id": 12})
+    db.close()
+    db = ProcDB(tmp_path / "procs.db")  # the lock went with the first
+    rows, meta = db.load(keep=3)
+    assert [r["id"] for r, _ in rows] == [7, 8, 9] and rows[2][1] == {"source": "pass"} and meta["next_id"] == "12"
+    rows, _ = db.load(keep=1)  # live and waiting records are never pruned
+    assert [r["id"] for r, _ in rows] == [8, 9]
+    db.close()

@@ -12,6 +12,7 @@
 | ``model.py`` | model loading, tokenisation, chat templates (files: kernel/models.py) | ``common`` |
 | ``engine.py`` | the engine thread and its step loop; one hand-off of events a step | ``update_slots`` / ``examples/parallel`` |
 | ``models.py`` | the set of models the kernel serves | ``server-models`` |
+| ``remote.py`` | a remote core: an OpenAI-compatible server behind the same interface and scheduler (docs/remote.md) | |
 
 The kernel imports what it needs from here; the names load lazily, so that importing ``kernel.llm.scheduler``
 (as kernel/config.py does) does not load llama.cpp.

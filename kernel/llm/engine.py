@@ -108,6 +108,8 @@ class Engine:
     ``prepare`` cost: an agent pays for the engine time its requests take, not only for their tokens.
     """
 
+    kind = "local"  # llm.models: a model the kernel runs itself (a remote core's is "openai": remote.py)
+
     def __init__(self, model_path: str, sink: Sink, *, n_ctx_seq: int = 2048, n_seq_max: int = 16,
                  n_threads: int | None = None, n_batch: int = 512, scheduler: Scheduler | str | None = None,
                  max_active: int | None = None, kv_size: int | None = None, rr_slice: int = 32,

@@ -1,5 +1,6 @@
 """The set of models (llama.cpp's ``server-models``): one ``Engine`` per model the kernel serves, each with its own
-thread, context and scheduler, and the routing of requests to them by name.
+thread, context and scheduler -- or a ``RemoteCore`` (remote.py) for a model an OpenAI-compatible server serves --
+and the routing of requests to them by name.
 """
 from __future__ import annotations
 
@@ -45,9 +46,12 @@ class Engines:
                           swap_dir=os.path.join(swap_dir, name) if swap_dir else None, snapshots=llm.snapshots,
                           share_prefix=llm.share_prefix == "all", prefill_chunk=llm.prefill_chunk)
 
+        from kernel.llm.remote import RemoteCore  # an OpenAI-compatible server as a core (docs/remote.md)
+
         engines = {DEFAULT_MODEL: make(DEFAULT_MODEL, model_path)}
         for name, section in models.items():
-            engines[name] = make(name, section.path, section)
+            engines[name] = (RemoteCore.from_config(name, section, llm, sink) if section.kind == "openai"
+                             else make(name, section.path, section))
         return cls(engines, llm.default_model or DEFAULT_MODEL)
 
     @property
