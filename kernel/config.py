@@ -96,6 +96,9 @@ class KernelSection(Section):
     restart_burst: Annotated[int, _range(1, 1000, "relaunches within restart_interval_s before it is a crash "
                                                   "loop")] = 5
     restart_interval_s: Annotated[float, _range(1, DAY, "seconds: the crash-loop window")] = 300.0
+    trace_kb: Annotated[int, _range(4, 1 << 20, "KiB one agent's syscall trace keeps")] = 256
+    trace_total_mb: Annotated[int, _range(1, 1 << 16, "MiB all syscall traces together keep")] = 64
+    trace_all: bool = False  # trace every agent, as if spawned with trace: true
 
 
 class LLMSection(Section):
@@ -413,6 +416,9 @@ def _check(cfg: Config, path) -> None:
         raise ConfigError(f"{path}: [kernel] restart_delay_s = {kc.restart_delay_s}, restart_delay_max_s = "
                           f"{kc.restart_delay_max_s}: expected restart_delay_s <= restart_delay_max_s (the delay doubles "
                           "from the first up to the cap)")
+    if kc.trace_kb > kc.trace_total_mb << 10:
+        raise ConfigError(f"{path}: [kernel] trace_kb = {kc.trace_kb}, trace_total_mb = {kc.trace_total_mb}: "
+                          "expected trace_kb <= trace_total_mb * 1024 (one trace must fit in the total)")
     mem = cfg.memory
     if mem.evict_target > mem.evict_threshold:
         raise ConfigError(f"{path}: [memory] evict_target = {mem.evict_target}, evict_threshold = "

@@ -35,6 +35,7 @@ from kernel.proc import Proc, ProcTable, State
 from kernel.procdb import ProcDB, ProcDBError
 from kernel import restart
 from kernel.router import Call, Router
+from kernel.trace import Traces
 from kernel.resources import RateBucket, ResourceManager, check_tokens, effective_limits
 from sandbox.host import Host
 from sandbox.linux import become_subreaper
@@ -108,6 +109,7 @@ class Kernel:
         self._drain_reason = ""
         self._status_mark = (time.monotonic(), 0)
         self.resources = ResourceManager()
+        self.traces = Traces(config.kernel.trace_kb << 10, config.kernel.trace_total_mb << 20)  # kernel/trace.py
         sb = config.sandbox
         self.host = Host(self.runtime_dir, [str(self.state_dir), str(Path(model_path).absolute().parent)],
                          uid_base=sb.uid_base, uid_count=sb.uid_count, cpu_quota=sb.cpu_quota or None,
@@ -270,7 +272,7 @@ class Kernel:
             "pid": os.getpid(), "uptime_s": time.time() - self.started_at, "runtime_dir": str(self.runtime_dir),
             "procs": {"live": len(live), "total": len(self.procs.all())},
             "sandbox": self.host.capabilities(), "llm": self.engine.stats(),
-            "audit_log": self.audit.path if self.audit else None,
+            "audit_log": self.audit.path if self.audit else None, "traces": self.traces.status(),
         }
 
     def request_shutdown(self, reason: str) -> None:
@@ -414,6 +416,9 @@ class Kernel:
             limits = dict(chain.limits)
         else:
             limits = effective_limits(group.limits, msgspec.structs.asdict(args.limits) if args.limits else None)
+        traced = profile is None and (args.trace or self.config.kernel.trace_all)
+        if traced:
+            self.traces.make_room()  # before it starts: a traced agent starts traced or not at all
         next_id = self.procs.next_id
         try:
             proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
@@ -430,6 +435,8 @@ class Kernel:
                              "free space there and retry") from None
             raise
         proc.fleet = args.fleet
+        if traced:
+            self.traces.start(proc)
         if chain is not None:
             proc.continue_chain(chain)
             self._save([chain])

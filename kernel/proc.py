@@ -190,6 +190,7 @@ class Proc:
     cpu_seconds: float = 0.0          # CPU seconds of its chain as last measured (kept after it ends)
     spec: dict | None = None          # what a relaunch needs (kernel/procdb.py), for a restart policy
     saved_mark: tuple = ()            # usage_mark() when its record was last written to disk
+    trace: object = None              # its kernel.trace.Trace while it is traced (proc.spawn ``trace``)
 
     def continue_chain(self, prev: "Proc") -> None:
         """This process relaunches ``prev``: it inherits the chain's policy, launch spec and usage -- tokens, CPU
