@@ -202,6 +202,8 @@ def cmd_run(c: Client, a) -> int:
         args["name"] = a.name
     if a.fleet:
         args["fleet"] = a.fleet
+    if a.trace:
+        args["trace"] = True
     if a.restart != "no":
         args["restart"] = a.restart
     limits = {k: getattr(a, k) for k in LIMIT_FLAGS if getattr(a, k) is not None}
@@ -232,6 +234,31 @@ def signal_name(text: str) -> str:
     if name not in KILL_SIGNALS:
         raise argparse.ArgumentTypeError(f"{text}: the kernel sends {', '.join(KILL_SIGNALS)}")
     return name
+
+
+def cmd_trace(c: Client, a) -> int:
+    """An agent's syscall trace (docs/abi.md, "Syscall traces"): one line a call, or the JSON that
+    ``kernel.testing.Trace.load`` reads (``--save FILE``)."""
+    entries, after = [], 0
+    while True:
+        page = c.call("proc.trace", {"id": a.id, "after": after})
+        entries += page["entries"]
+        if not page["more"] or not page["entries"]:
+            break
+        after = page["entries"][-1]["seq"]
+    doc = {"name": page["name"], "dropped": page["dropped"], "entries": entries}
+    if a.save:
+        with open(a.save, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        print(f"saved {len(entries)} calls of agent {a.id} ({page['name']}) to {a.save}")
+        return 0
+    if page["dropped"]:
+        print(f"({page['dropped']} older calls dropped: [kernel] trace_kb)")
+    for e in entries:
+        outcome = json.dumps(e.get("result"))[:120] if e["ok"] else e["error"]
+        print(f"{e['seq']:>5} {e['t']:9.3f}s {e['ms']:8.1f}ms {e['call']} {json.dumps(e['args'])[:160]} -> {outcome}")
+    return 0
 
 
 def cmd_kill(c: Client, a) -> int:
@@ -498,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", default="default")
     p.add_argument("--fleet", help="launch it in this fleet: with [llm] share_prefix = \"fleet\", agents of one "
                                    "fleet reuse each other's cached prompts (docs/engine.md)")
+    p.add_argument("--trace", action="store_true", help="record its syscalls (read them with `aiosctl trace ID`)")
     p.add_argument("--wait", action="store_true", help="stream its output (across relaunches and kernel restarts) "
                                                        "and exit with its status")
     p.add_argument("--restart", choices=("no", "on-failure", "always"), default="no",
@@ -514,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-s", "--signal", type=signal_name, default="SIGKILL", metavar="SIGNAL",
                    help=f"TERM, SIGTERM or 15 ... (default KILL; one of {', '.join(KILL_SIGNALS)})")
     p.set_defaults(fn=cmd_kill)
+    p = sub.add_parser("trace", help="the syscalls of an agent run with --trace")
+    p.add_argument("id", type=int)
+    p.add_argument("--save", metavar="FILE", help="write them as JSON (kernel.testing.Trace.load reads it)")
+    p.set_defaults(fn=cmd_trace)
     p = sub.add_parser("logs", help="an agent's captured output")
     p.add_argument("id", type=int)
     p.add_argument("-f", "--follow", action="store_true",

@@ -5,8 +5,8 @@ The workload: ``AGENTS`` agent processes, each holding a ``TURNS``-turn ``llm.ch
 system prompt of ~500 tokens that every agent shares, ``MAX_TOKENS`` tokens an answer, temperature 0; every
 turn re-sends the whole history.  Systems:
 
-- ``server``: ``python -m llama_cpp.server`` on the same model (2 threads, ``n_ctx`` 2048), its ``[server]``
-  extra installed into ``bench/.server-deps`` (not into the product's environment), with ``AGENTS`` concurrent
+- ``server``: ``python -m llama_cpp.server`` on the same model (2 threads, ``n_ctx`` 2048; ``kernel.testing.
+  LlamaServer``, its ``[server]`` extra in the test extra), with ``AGENTS`` concurrent
   HTTP clients making the same conversations over ``/v1/chat/completions``: it serves one request at a time and
   re-reads each history (it keeps only the previous request's prefix);
 - ``per_agent``: aiosd with the secure default (``share_prefix = "agent"``: KV reused within an agent only);
@@ -22,13 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import psutil
 
@@ -39,10 +35,6 @@ AGENTS = int(os.environ.get("AIOSD_P0_AGENTS", 32))
 TURNS = int(os.environ.get("AIOSD_P0_TURNS", 3))
 MAX_TOKENS = 48
 THREADS = 2
-DEPS = Path(__file__).resolve().parent / ".server-deps"
-SERVER_EXTRA = ["uvicorn>=0.22.0", "fastapi>=0.100.0", "pydantic-settings>=2.0.1", "sse-starlette>=1.6.1",
-                "starlette-context>=0.3.6,<0.4", "PyYAML>=5.1"]  # llama-cpp-python's [server] extra
-
 SYSTEM = ("You are the support assistant of a small city library. The library opens at nine in the morning and "
           "closes at six in the evening from Monday to Friday, and at one in the afternoon on Saturday; it is "
           "closed on Sunday. Members may borrow up to eight books at a time for three weeks, and renew each book "
@@ -126,33 +118,19 @@ def run_aiosd(share: str, layout: str = "auto") -> dict:
             ends.append(got["end"])
         wall = max(ends) - start
         cpu = sum(kproc.cpu_times()[:2]) - cpu0
-        stats = kernel.client.call("sys.status").get("llm", {})
+        status = kernel.client.call("sys.status")
     finally:
         kernel.stop()
-    return summarize(turns, wall, cpu, stats)
+    return dict(summarize(turns, wall, cpu, status.get("llm", {})), loop=status.get("loop", {}))
 
 
 # ---- llama-cpp-python's server ----------------------------------------------------------------------------
 
-def server_deps() -> str:
-    """The server extra's packages in ``bench/.server-deps`` (installed once), for the server process only."""
-    if not (DEPS / "fastapi").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(DEPS), *SERVER_EXTRA],
-                       check=True)
-    return str(DEPS)
-
-
 def run_server(model_path: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=server_deps())
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--n_ctx", "2048",
-                             "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS), "--port", str(port),
-                             "--host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    server = testing.LlamaServer(model_path, threads=THREADS)  # its [server] extra is in the test extra
+    proc = server.popen
+    url = f"{server.base_url}/chat/completions"
     try:
-        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
         sproc = psutil.Process(proc.pid)
         cpu0 = sum(sproc.cpu_times()[:2])
         turns: list = [None] * AGENTS
@@ -183,24 +161,8 @@ def run_server(model_path: str) -> dict:
         wall = time.time() - start
         cpu = sum(sproc.cpu_times()[:2]) - cpu0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
     return summarize(turns, wall, cpu, {})
-
-
-def _wait_http(url: str, proc, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "llama_cpp.server exited at start"
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError("llama_cpp.server did not start")
 
 
 # ---- figures ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import msgpack
 
 # Every syscall in syscalls/table.py (tests/escape/test_fuzz.py checks that the two agree).
 SYSCALLS = ("sys.ping", "sys.shutdown", "sys.status", "sys.metrics", "proc.self", "proc.ready", "proc.list",
-            "proc.kill", "proc.spawn", "proc.logs", "llm.generate", "llm.chat", "llm.cancel", "llm.models",
+            "proc.kill", "proc.spawn", "proc.logs", "proc.trace", "llm.generate", "llm.chat", "llm.cancel", "llm.models",
             "storage.put", "storage.get", "storage.stat", "storage.list", "storage.delete", "storage.versions",
             "storage.rollback", "memory.add", "memory.get", "memory.list", "memory.delete", "memory.search",
             "memory.stats", "access.grant", "access.revoke", "access.list", "access.pending", "access.decide",
@@ -228,6 +228,9 @@ class Frames:
             if name == "proc.logs":
                 f.update(follow=lambda: e(lambda: r.random() < 0.5, 0.9), stream=lambda: e(lambda: r.random() < 0.5, 0.9))
             return f
+        if name == "proc.trace":
+            return {"id": lambda: e(self.pid, 0.9), "after": lambda: e(lambda: r.choice(INTS), 0.8),
+                    "discard": lambda: e(lambda: r.random() < 0.5, 0.9)}
         if name == "llm.cancel":
             return {"id": lambda: e(lambda: r.choice((0, self.rid - 1, self.rid - 5, 2**63 - 1, 2**63)), 0.8)}
         if name == "proc.ready":
@@ -236,7 +239,8 @@ class Frames:
             return {"source": lambda: e(lambda: "print('spawned')"), "group": lambda: e(lambda: "admin"),
                     "name": lambda: e(self.text), "argv": lambda: e(lambda: [self.text() for _ in range(3)]),
                     "filename": lambda: e(lambda: r.choice(("a.py", "../x", "", "a/b"))),
-                    "limits": lambda: e(lambda: {"memory_mb": r.choice(INTS), "syscall_rate": r.choice(INTS)})}
+                    "limits": lambda: e(lambda: {"memory_mb": r.choice(INTS), "syscall_rate": r.choice(INTS)}),
+                    "trace": lambda: e(lambda: r.random() < 0.5, 0.9)}
         if name in LLM_CALLS:
             return self.sampling(name)
         if name.startswith("storage."):

@@ -21,6 +21,7 @@ import msgspec
 from msgspec import Meta
 
 from kernel.llm.scheduler import SCHEDULERS
+from kernel.storage import BACKENDS as STORAGE_BACKENDS
 from syscalls.codec import DEFAULT_MAX_FRAME
 from syscalls.schemas import Limits
 from syscalls.table import ADMIN, BASIC, LLM, MEMORY, PRIVILEGES, PROC, STORAGE, TOOLS, TOOLWORK
@@ -95,6 +96,9 @@ class KernelSection(Section):
     restart_burst: Annotated[int, _range(1, 1000, "relaunches within restart_interval_s before it is a crash "
                                                   "loop")] = 5
     restart_interval_s: Annotated[float, _range(1, DAY, "seconds: the crash-loop window")] = 300.0
+    trace_kb: Annotated[int, _range(4, 1 << 20, "KiB one agent's syscall trace keeps")] = 256
+    trace_total_mb: Annotated[int, _range(1, 1 << 16, "MiB all syscall traces together keep")] = 64
+    trace_all: bool = False  # trace every agent, as if spawned with trace: true
 
 
 class LLMSection(Section):
@@ -124,6 +128,7 @@ class SandboxSection(Section):
                                     "or nobody")] = 200000
     uid_count: Annotated[int, _range(1, 1_000_000, "uids in the pool")] = 1000
     cgroups: bool = True      # per-agent cgroups (memory, pids, cpu), where the kernel may create them
+    cgroup_dir: str = ""      # a cgroup v2 directory delegated to the kernel; empty: its own cgroup if delegated
     cpu_quota: Annotated[float, _range(0, 4096, "CPUs per agent; 0: no quota")] = 1.0
     scratch_tmpfs: bool = True  # a tmpfs of its own on each agent's scratch dir, when the kernel may mount one
     extra_read: list[str] = []  # more read-only paths for agents (Landlock)
@@ -131,6 +136,7 @@ class SandboxSection(Section):
 
 class StorageSection(Section):
     """``[storage]``: the storage manager (docs/storage.md)."""
+    backend: Literal[STORAGE_BACKENDS] = "sqlite"  # kernel/storage.py BACKENDS (a shared one: docs/scale.md)
     path: str = ""             # the SQLite file; empty: <state-dir>/storage.db
     max_value_mb: Annotated[int, _range(1, 1 << 16, "MB of one value")] = 64
     keep_versions: Annotated[int, _range(1, 1 << 16, "versions kept per key")] = 16
@@ -410,6 +416,9 @@ def _check(cfg: Config, path) -> None:
         raise ConfigError(f"{path}: [kernel] restart_delay_s = {kc.restart_delay_s}, restart_delay_max_s = "
                           f"{kc.restart_delay_max_s}: expected restart_delay_s <= restart_delay_max_s (the delay doubles "
                           "from the first up to the cap)")
+    if kc.trace_kb > kc.trace_total_mb << 10:
+        raise ConfigError(f"{path}: [kernel] trace_kb = {kc.trace_kb}, trace_total_mb = {kc.trace_total_mb}: "
+                          "expected trace_kb <= trace_total_mb * 1024 (one trace must fit in the total)")
     mem = cfg.memory
     if mem.evict_target > mem.evict_threshold:
         raise ConfigError(f"{path}: [memory] evict_target = {mem.evict_target}, evict_threshold = "

@@ -27,7 +27,7 @@ from kernel.access import Audit, Grants, Pending
 from kernel.memory import MemoryManager
 from kernel import toolcalls
 from kernel.tools import BUILTIN_POOLS, BUILTIN_TOOLS, TOOL_GROUP, ToolManager, mcp_profile
-from kernel.storage import MB, Storage
+from kernel.storage import MB, Backend, StorageUnavailable, open_storage
 from kernel.metrics import Metrics
 from kernel.sdnotify import Notifier
 from kernel.worker import PREP_STACK_BYTES, Worker
@@ -35,6 +35,7 @@ from kernel.proc import Proc, ProcTable, State
 from kernel.procdb import ProcDB, ProcDBError
 from kernel import restart
 from kernel.router import Call, Router
+from kernel.trace import Traces
 from kernel.resources import RateBucket, ResourceManager, check_tokens, effective_limits
 from sandbox.host import Host
 from sandbox.linux import become_subreaper
@@ -82,7 +83,7 @@ class Kernel:
         self.engine: Engines | None = None
         self.preparer: Worker | None = None
         self._preparing: dict[Call, tuple[bool, int]] = {}  # LLM calls being prepared -> (stream, priority)
-        self.storage: Storage | None = None
+        self.storage: Backend | None = None
         self.storage_worker: Worker | None = None  # the storage manager's one writer
         self.memory: MemoryManager | None = None
         self.memory_worker: Worker | None = None  # memory calls: embedding, search, writes
@@ -95,6 +96,10 @@ class Kernel:
         self.tool_chats: dict[Call, dict] = {}  # llm.chat calls with tools -> the tools offered (toolcalls.shape)
         self.router: Router | None = None
         self._events: collections.deque = collections.deque()
+        # Where the main thread's time goes (always on; sys.status "loop", sys.metrics): the periodic sweep
+        # (limits, tools, audit, metrics...), syscalls, engine event delivery, signals, agents' output.
+        self.loop_times = {"sweep_s": 0.0, "router_s": 0.0, "events_s": 0.0, "signals_s": 0.0, "output_s": 0.0,
+                           "wakeups": 0}
         self._followers: dict[int, list[Call]] = {}
         self._pipe_owner: dict[int, Proc] = {}
         self._stop_reason: str | None = None
@@ -108,11 +113,12 @@ class Kernel:
         self._drain_reason = ""
         self._status_mark = (time.monotonic(), 0)
         self.resources = ResourceManager()
+        self.traces = Traces(config.kernel.trace_kb << 10, config.kernel.trace_total_mb << 20)  # kernel/trace.py
         sb = config.sandbox
         self.host = Host(self.runtime_dir, [str(self.state_dir), str(Path(model_path).absolute().parent)],
                          uid_base=sb.uid_base, uid_count=sb.uid_count, cpu_quota=sb.cpu_quota or None,
                          extra_read=list(sb.extra_read), use_uids=sb.uids, use_cgroups=sb.cgroups,
-                         use_tmpfs=sb.scratch_tmpfs)
+                         use_tmpfs=sb.scratch_tmpfs, cgroup_dir=sb.cgroup_dir or None)
 
     # --- start-up ------------------------------------------------------------------------------------
     def _prepare_runtime_dir(self) -> None:
@@ -233,8 +239,10 @@ class Kernel:
         router_sock, wake_r, sig_r = self.router.sock, self._wake_r, self._sig_r.fileno()
         poll = self.poller.poll
         resources = self.resources
+        busy, clock = self.loop_times, time.perf_counter
         while self._stop_reason is None:
             events = poll(int(resources.period * 1000))
+            t0 = clock()
             if not events:
                 self._reap()  # belt and braces: a SIGCHLD can coalesce with another signal
             if resources.due():
@@ -251,16 +259,26 @@ class Kernel:
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
+            t1 = clock()
+            busy["sweep_s"] += t1 - t0
             for what, _ in events:
                 if what is router_sock:
                     self.router.serve_ready()
+                    part = "router_s"
                 elif what == wake_r:
                     self._drain_engine_events()
+                    part = "events_s"
                 elif what == sig_r:
                     self._drain_signals()
                     self._reap()
+                    part = "signals_s"
                 else:
                     self._read_output(what)
+                    part = "output_s"
+                t2 = clock()
+                busy[part] += t2 - t1
+                t1 = t2
+            busy["wakeups"] += 1
         self.shutdown()
 
     def status(self) -> dict:
@@ -269,8 +287,8 @@ class Kernel:
         return {
             "pid": os.getpid(), "uptime_s": time.time() - self.started_at, "runtime_dir": str(self.runtime_dir),
             "procs": {"live": len(live), "total": len(self.procs.all())},
-            "sandbox": self.host.capabilities(), "llm": self.engine.stats(),
-            "audit_log": self.audit.path if self.audit else None,
+            "sandbox": self.host.capabilities(), "llm": self.engine.stats(), "loop": dict(self.loop_times),
+            "audit_log": self.audit.path if self.audit else None, "traces": self.traces.status(),
         }
 
     def request_shutdown(self, reason: str) -> None:
@@ -414,6 +432,9 @@ class Kernel:
             limits = dict(chain.limits)
         else:
             limits = effective_limits(group.limits, msgspec.structs.asdict(args.limits) if args.limits else None)
+        traced = profile is None and (args.trace or self.config.kernel.trace_all)
+        if traced:
+            self.traces.make_room()  # before it starts: a traced agent starts traced or not at all
         next_id = self.procs.next_id
         try:
             proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
@@ -430,6 +451,8 @@ class Kernel:
                              "free space there and retry") from None
             raise
         proc.fleet = args.fleet
+        if traced:
+            self.traces.start(proc)
         if chain is not None:
             proc.continue_chain(chain)
             self._save([chain])
@@ -636,12 +659,11 @@ class Kernel:
         st, kc = self.config.storage, self.config.kernel
         path = Path(st.path) if st.path else self.state_dir / "storage.db"
         try:
-            self.storage = Storage(path, max_value_bytes=st.max_value_mb * MB,
-                                   max_read=max(512, kc.max_frame // 2), keep_versions=st.keep_versions,
-                                   keep_bytes=st.keep_mb * MB, upload_ttl_s=st.upload_ttl_s)
-        except (sqlite3.Error, OSError) as exc:
-            raise KernelError(f"cannot open the storage database {path}: {exc}; "
-                              "check the state dir's permissions and free space") from None
+            self.storage = open_storage(st.backend, path, max_value_bytes=st.max_value_mb * MB,
+                                        max_read=max(512, kc.max_frame // 2), keep_versions=st.keep_versions,
+                                        keep_bytes=st.keep_mb * MB, upload_ttl_s=st.upload_ttl_s)
+        except StorageUnavailable as exc:
+            raise KernelError(str(exc)) from None
         self.storage_worker = Worker(self._on_offloaded, name="aiosd-storage", group=self.storage.group)
         mem = self.config.memory
         path = Path(mem.path) if mem.path else self.state_dir / "memory.db"

@@ -31,24 +31,18 @@ from pathlib import Path
 
 from typing import Callable
 
+from sandbox.paths import agent_sys_path
 from sandbox.policy import ENV as POLICY_ENV
 from sandbox.policy import Policy
 from syscalls.errors import EAGAIN, ENOENT
 
 log = logging.getLogger("aiosd")
 
-def _agent_sys_path() -> list[str]:
-    """Where an agent finds the SDK and its few dependencies: the repo's packages and site-packages."""
-    import agentproc
-    import site
-    return [os.path.dirname(os.path.dirname(os.path.abspath(agentproc.__file__)))] + site.getsitepackages()
-
-
 # How an agent starts.  -I: isolated mode (no PYTHON* variables, no user site, no cwd on sys.path); -S: no
 # `site` -- agents need none of its .pth processing (code hooks) or editable-install finders, and skipping it
 # saves ~20 ms of every start, so sys.path is given explicitly; -u: unbuffered output, so that
 # `aiosctl logs --follow` sees lines as they are printed.  argv after the code: [filename, *args].
-_BOOT = f"import sys; sys.path[:0] = {_agent_sys_path()!r}; from agentproc.bootstrap import main; main()"
+_BOOT = f"import sys; sys.path[:0] = {agent_sys_path()!r}; from agentproc.bootstrap import main; main()"
 
 MAX_OUTPUT_KEPT = 4 << 20  # characters of captured output kept in memory per process (the latest)
 # Bytes of captured output written to an agent's log file when it has no disk_mb limit; with one, the log
@@ -196,6 +190,7 @@ class Proc:
     cpu_seconds: float = 0.0          # CPU seconds of its chain as last measured (kept after it ends)
     spec: dict | None = None          # what a relaunch needs (kernel/procdb.py), for a restart policy
     saved_mark: tuple = ()            # usage_mark() when its record was last written to disk
+    trace: object = None              # its kernel.trace.Trace while it is traced (proc.spawn ``trace``)
 
     def continue_chain(self, prev: "Proc") -> None:
         """This process relaunches ``prev``: it inherits the chain's policy, launch spec and usage -- tokens, CPU

@@ -60,6 +60,14 @@ def handlers() -> dict:
 MAX_CACHED_CALLERS = 4096
 
 
+def _traced_args(raw) -> object:
+    """A traced request's arguments as the agent sent them (kernel/trace.py bounds them)."""
+    try:
+        return codec.decode_any(raw)
+    except Exception:  # undecodable: the schema's decoder will refuse it with EINVAL
+        return "<undecodable>"
+
+
 class _Drop(Exception):
     """A frame to drop unanswered: from an agent that has ended, or from a peer that does not read."""
 
@@ -91,12 +99,14 @@ class Call:
     For an LLM call, ``reserved`` is the tokens reserved for it against its caller's quota and ``ended`` tells
     that it no longer counts against the caller's pending cap (kernel.llm_submit)."""
 
-    __slots__ = ("router", "rid", "routing_id", "caller", "seq", "done", "reserved", "ended", "name", "t0")
+    __slots__ = ("router", "rid", "routing_id", "caller", "seq", "done", "reserved", "ended", "name", "t0",
+                 "trace", "traced_args")
 
     def __init__(self, router: "Router", rid: int, routing_id: bytes, caller: Caller, name: str = "",
-                 t0: float = 0.0):
+                 t0: float = 0.0, trace=None, traced_args=None):
         self.router, self.rid, self.routing_id, self.caller = router, rid, routing_id, caller
         self.name, self.t0 = name, t0  # the syscall and when its frame was read (latency metrics)
+        self.trace, self.traced_args = trace, traced_args  # the caller's kernel.trace.Trace, if it is traced
         self.seq = 0
         self.done = False
         self.reserved = 0
@@ -116,12 +126,16 @@ class Call:
         if not self.done:
             self.done = True
             self.router.send(self.routing_id, codec.reply_ok(self.rid, result), self.caller)
+            if self.trace is not None:
+                self.trace.add(self.name, self.traced_args, self.t0, True, result, self.seq)
             self.router.answered(self)
 
     def fail(self, code: str, message: str) -> None:
         if not self.done:
             self.done = True
             self.router.send(self.routing_id, codec.reply_error(self.rid, code, message), self.caller)
+            if self.trace is not None:
+                self.trace.add(self.name, self.traced_args, self.t0, False, code, self.seq)
             self.router.answered(self)
 
 
@@ -240,13 +254,17 @@ class Router:
             caller.dropped += 1
             return
         rid = None
+        trace = caller.proc.trace if caller.proc is not None else None
+        name, traced_args, call = "?", None, None
         try:
             if caller.proc is not None:
                 charge_syscall(caller.proc)  # before decoding: undecodable frames count too
             if len(frames) != 2:
                 raise RequestError("EPROTO", f"send one frame per request, not {len(frames) - 1}", None)
             env = codec.decode_request(payload.bytes, self.max_frame)
-            rid = env.id
+            rid, name = env.id, env.call
+            if trace is not None:
+                traced_args = _traced_args(env.args)
             syscall = TABLE.get(env.call)
             if syscall is None:
                 raise ENOSYS(f"no syscall {env.call!r}; see docs/abi.md section 4")
@@ -256,19 +274,28 @@ class Router:
             if env.call in DRAIN_REFUSED and self.kernel.draining():
                 raise SyscallError(f"the kernel is shutting down: it admits no new work ({env.call})", "ECANCELED")
             args = codec.decode_args(syscall.decoder, env.args)
-            call = Call(self, rid, routing_id, caller, env.call, t0)
+            call = Call(self, rid, routing_id, caller, env.call, t0, trace, traced_args)
             result = self._handlers[env.call](self.kernel, call, args)
             if result is not DEFERRED:
                 call.reply(result)
         except RequestError as exc:
             self.send(routing_id, codec.reply_error(exc.rid, exc.code, exc.message), caller)
+            self._trace_refusal(trace, call, name, traced_args, t0, exc.code)
         except SyscallError as exc:
             if rid is None:
                 rid = codec.peek_id(payload.bytes)
             self.send(routing_id, codec.reply_error(rid, exc.code, exc.message), caller)
+            self._trace_refusal(trace, call, name, traced_args, t0, exc.code)
         except Exception:  # a kernel bug must cost one request, never the kernel
             log.exception("syscall failed inside the kernel")
             self.send(routing_id, codec.reply_error(rid, "EIO", "internal kernel error; see the kernel log"), caller)
+            self._trace_refusal(trace, call, name, traced_args, t0, "EIO")
+
+    @staticmethod
+    def _trace_refusal(trace, call: "Call | None", name: str, traced_args, t0: float, code: str) -> None:
+        """A request answered with an error outside ``Call.fail`` goes into its caller's trace too."""
+        if trace is not None and (call is None or not call.done):
+            trace.add(name, traced_args, t0, False, code)
 
     def identify(self, routing_id: bytes, peer: str | None) -> Caller:
         """The caller behind this connection (docs/abi.md section 1).  Raises EPERM or EACCES, or ``_Drop``

@@ -18,8 +18,13 @@ A delete writes a tombstone version (``deleted``), so it can be rolled back; ``p
 history.  Retention prunes old versions after each write (``keep_versions``, ``keep_bytes``).  Large values are
 read in ranges through SQLite's incremental blob I/O, never loaded whole.
 
-The interface (``put``/``get``/``stat``/``list``/``delete``/``versions``/``rollback``/``usage``) is what a
-second backend -- a network database shared by several kernels -- would implement.
+Backends.  ``Backend`` is the interface the kernel uses (kernel/sys_storage.py, kernel/access.py, the storage
+worker); ``Storage`` is its SQLite implementation, and ``open_storage`` the one place that picks a backend
+(``[storage] backend``) and turns a backend's own errors (``sqlite3.Error``) into ``StorageUnavailable``, so
+that the kernel never names SQLite.  A second backend -- a network database such as PostgreSQL shared by the
+kernels of several machines (docs/scale.md) -- implements ``Backend`` with the same contracts (one transaction
+a call, durable before it returns, quotas checked inside that transaction) and adds its name to
+``BACKENDS``.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import sqlite3
 import threading
 import time
 import unicodedata
+from typing import Protocol
 
 from syscalls.errors import SyscallError
 
@@ -99,8 +105,55 @@ def check_key(key) -> str:
     return key
 
 
+class StorageUnavailable(OSError):
+    """The storage backend could not be opened (the message says what to check)."""
+
+
+class Backend(Protocol):
+    """What the kernel needs of a storage backend.  Every write is one transaction, durable before it returns,
+    rolled back whole on error; reads see the last commit; errors are ``StorageError`` with an ABI code.
+    Quotas are passed per call (``quota_bytes``, ``quota_keys``: None = none) and checked in the write's own
+    transaction (two kernels writing one namespace must not both pass a quota check)."""
+
+    def put(self, ns: str, key: str, data: bytes | str, *, content_type: str | None = None,
+            if_version: int | None = None, offset: int = 0, final: bool = True, quota_bytes: int | None = None,
+            quota_keys: int | None = None) -> dict: ...
+    def get(self, ns: str, key: str, *, version: int | None = None, offset: int = 0,
+            length: int | None = None) -> dict: ...
+    def stat(self, ns: str, key: str) -> dict: ...
+    def exists(self, ns: str, key: str) -> bool: ...
+    def list(self, ns: str, prefix: str = "", *, after: str = "", limit: int = 100) -> dict: ...
+    def delete(self, ns: str, key: str, *, if_version: int | None = None, purge: bool = False) -> dict: ...
+    def versions(self, ns: str, key: str) -> dict: ...
+    def rollback(self, ns: str, key: str, version: int, *, if_version: int | None = None,
+                 quota_bytes: int | None = None, quota_keys: int | None = None) -> dict: ...
+    def usage(self, ns: str) -> dict: ...
+    def usage_now(self, ns: str) -> dict:
+        """``usage`` without waiting on a write in progress (the event loop calls it)."""
+    def namespaces(self) -> list[str]: ...
+    def group(self, jobs: list) -> list[tuple]:
+        """Run ``jobs`` in one transaction, each undone alone if it fails, committed once (group commit)."""
+    def expire_uploads(self) -> int: ...
+    def close(self) -> None: ...
+
+
+BACKENDS = ("sqlite",)  # [storage] backend
+
+
+def open_storage(backend: str, path: str | os.PathLike, **options) -> Backend:
+    """The storage ``backend`` (one of ``BACKENDS``) at ``path`` with ``Storage``'s keyword ``options``.
+    Raises ``StorageUnavailable`` saying what failed; never a backend's own exception."""
+    if backend != "sqlite":
+        raise StorageUnavailable(f"[storage] backend {backend!r} is not built; known: {', '.join(BACKENDS)}")
+    try:
+        return Storage(path, **options)
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageUnavailable(f"cannot open the storage database {path}: {exc}; check the state dir's "
+                                 "permissions and free space") from None
+
+
 class Storage:
-    """One SQLite file of namespaces.  Quotas are passed per call (``quota_bytes``, ``quota_keys``: None =
+    """The SQLite backend: one file of namespaces.  Quotas are passed per call (``quota_bytes``, ``quota_keys``: None =
     none), as they belong to the caller, not to the namespace."""
 
     def __init__(self, path: str | os.PathLike, *, max_value_bytes: int = 64 * MB, max_read: int = 512 << 10,

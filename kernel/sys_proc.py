@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from kernel.router import DEFERRED, Call
 from syscalls import schemas as S
-from syscalls.errors import EPERM
+from syscalls.errors import ENOENT, EPERM
 from syscalls.table import ADMIN
 
 if TYPE_CHECKING:
@@ -91,3 +91,15 @@ def proc_logs(k: "Kernel", call: Call, args: S.Logs):
                 **{f: proc.record()[f] for f in ("state", "exit_status", "reason")}}
     k.follow_logs(proc, call, follow=args.follow)
     return DEFERRED
+
+
+def proc_trace(k: "Kernel", call: Call, args: S.Trace):
+    """A page of agent ``args.id``'s syscall trace (kernel/trace.py); admin only (the table says so)."""
+    proc = k.procs.get(args.id)
+    if proc.trace is None:
+        raise ENOENT(f"agent {proc.id} is not traced (spawn it with trace: true, `aiosctl run --trace`), or its "
+                     "trace was discarded")
+    page = proc.trace.page(args.after, k.config.kernel.max_frame // 2)
+    if args.discard:
+        k.traces.discard(proc)
+    return {"id": proc.id, "name": proc.name, "state": proc.record()["state"], **page}

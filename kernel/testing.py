@@ -7,6 +7,8 @@ examples.  The pytest fixtures built on it are in ``kernel.pytest_plugin``; this
   (``spawn``, ``spawn_file``, ``run``), waiting (``wait``, ``wait_output``) and ``stop``.
 - ``RawClient``: a bare ZeroMQ connection that sends arbitrary frames (valid or not) and reads the kernel's
   answers undecoded by the SDK -- for tests of the ABI itself.
+- ``Trace``: an agent's syscall trace (docs/abi.md, "Syscall traces") to assert on, save, load, replay
+  against a kernel and compare with another run's (record and replay for regression tests).
 - ``config_text``: a config file's text from a base plus overrides (groups, limits, sections).
 - ``eventually`` and ``pid_gone``: waits bounded in time.
 - ``LlamaServer`` and ``FaultProxy``: llama-cpp-python's OpenAI-compatible server on loopback, and a relay in
@@ -22,6 +24,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import json
 import time
 import tomllib
 from pathlib import Path
@@ -197,12 +200,20 @@ class RawClient:
 
     def request(self, call: str, args: dict | None = None, *, v: int = 1, timeout: float = 10.0) -> dict:
         """Send a well-formed request envelope (docs/abi.md 2.1) with a fresh id; return the reply envelope
-        (``{"ok": True, "result": ...}`` or ``{"ok": False, "error": {...}}``), not raising on errors."""
+        (``{"ok": True, "result": ...}`` or ``{"ok": False, "error": {...}}``), not raising on errors.  Chunks
+        of a streamed answer are read past; the reply then carries ``"chunks": [data, ...]``."""
         rid, self._next_id = self._next_id, self._next_id + 1
         msg = {"v": v, "id": rid, "call": call}
         if args is not None:
             msg["args"] = args
-        return self.ask(msg, timeout)
+        reply = self.ask(msg, timeout)
+        chunks = []
+        while isinstance(reply, dict) and "chunk" in reply and reply.get("id") == rid:
+            chunks.append(reply["chunk"])
+            reply = self.recv(timeout)
+        if chunks:
+            reply["chunks"] = chunks
+        return reply
 
     def close(self) -> None:
         """Close the connection (again: nothing)."""
@@ -405,6 +416,125 @@ class KernelProc:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --- syscall traces ------------------------------------------------------------------------------------
+
+# Result fields that differ between two runs of the same agent; ``Trace.assert_matches`` ignores them.
+VOLATILE = frozenset({"id", "pid", "uid", "gid", "started_at", "ended_at", "first_syscall_at", "created_at",
+                      "updated_at", "at", "t", "ms", "usage", "uptime_s", "token", "scratch", "layers", "owner",
+                      "max_frame", "seq", "chunks"})
+# What a replay does not re-issue by default: the bootstrap's own report, valid once per agent.
+NOT_REPLAYED = frozenset({"proc.ready"})
+
+
+class Trace:
+    """An agent's syscall trace: ``entries`` as ``proc.trace`` gives them (docs/abi.md, "Syscall traces").
+
+    ``Trace.fetch(kernel, agent_id)`` reads one from a kernel (every page); ``save``/``load`` keep it as JSON;
+    ``calls`` and ``errors`` are what tests usually assert on; ``replay(kernel)`` re-issues the calls and
+    ``assert_matches(other)`` compares two runs."""
+
+    def __init__(self, entries: list[dict], *, name: str = "", dropped: int = 0):
+        self.entries, self.name, self.dropped = list(entries), name, dropped
+
+    @classmethod
+    def fetch(cls, kernel: "KernelProc", agent_id: int, *, discard: bool = False) -> "Trace":
+        """The whole trace of agent ``agent_id`` (raises the SDK's ENOENT if it is not traced)."""
+        entries, after = [], 0
+        while True:
+            page = kernel.client.call("proc.trace", {"id": agent_id, "after": after})
+            entries += page["entries"]
+            if not page["more"] or not page["entries"]:
+                break
+            after = page["entries"][-1]["seq"]
+        if discard:
+            kernel.client.call("proc.trace", {"id": agent_id, "after": after, "discard": True})
+        return cls(entries, name=page["name"], dropped=page["dropped"])
+
+    @property
+    def calls(self) -> list[str]:
+        """The syscalls made, in order."""
+        return [e["call"] for e in self.entries]
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        """(call, error code) of every call that failed, in order."""
+        return [(e["call"], e["error"]) for e in self.entries if not e["ok"]]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write it as JSON (``load`` reads it back)."""
+        Path(path).write_text(json.dumps({"name": self.name, "dropped": self.dropped, "entries": self.entries},
+                                         indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trace":
+        doc = json.loads(Path(path).read_text())
+        return cls(doc["entries"], name=doc.get("name", ""), dropped=doc.get("dropped", 0))
+
+    def replay(self, kernel: "KernelProc", *, skip=NOT_REPLAYED, compare: bool = True, results: bool = True,
+               ignore=VOLATILE, timeout: float = 60.0) -> "Trace":
+        """Re-issue the recorded calls, in order, through a raw operator connection to ``kernel``; return what
+        it answered as a Trace.  With ``compare``, ``assert_matches`` that against this one.
+
+        Not re-issued: calls in ``skip``, and entries whose arguments were cut (``truncated`` names ``args``: the
+        kernel kept only part of them) -- they are left out of both sides of the comparison.  The replay speaks as an
+        operator, not as the agent: calls whose answer depends on who asks (``proc.self``, storage
+        namespaces) answer differently -- skip them or compare without ``results``."""
+        raw = kernel.raw_client()
+        kept, answered = [], []
+        try:
+            for entry in self.entries:
+                if entry["call"] in skip or "args" in entry.get("truncated", ()):
+                    continue
+                t = time.perf_counter()
+                reply = raw.request(entry["call"], entry["args"] or None, timeout=timeout)
+                got = {"seq": entry["seq"], "call": entry["call"], "args": entry["args"], "ok": reply["ok"],
+                       "ms": round((time.perf_counter() - t) * 1000, 3)}
+                if reply["ok"]:
+                    got["result"] = _bounded(reply["result"])
+                else:
+                    got["error"] = reply["error"]["code"]
+                kept.append(entry)
+                answered.append(got)
+        finally:
+            raw.close()
+        replayed = Trace(answered, name=self.name)
+        if compare:
+            Trace(kept, name=self.name).assert_matches(replayed, results=results, ignore=ignore, skip=())
+        return replayed
+
+    def assert_matches(self, other: "Trace", *, results: bool = True, ignore=VOLATILE, skip=NOT_REPLAYED) -> None:
+        """AssertionError naming the first difference unless ``other`` made the same calls with the same
+        arguments and outcomes (error codes; and results, but for the keys in ``ignore``, with ``results``).
+        Calls in ``skip`` (the bootstrap's report of its sandbox) are left out of both."""
+        mine = [e for e in self.entries if e["call"] not in skip]
+        theirs = [e for e in other.entries if e["call"] not in skip]
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            where = f"call {i + 1} ({a['call']}, seq {a.get('seq')} / {b.get('seq')})"
+            assert a["call"] == b["call"], f"{where}: {a['call']} here, {b['call']} there"
+            assert a["args"] == b["args"], f"{where}: arguments differ: {a['args']!r} / {b['args']!r}"
+            assert a["ok"] == b["ok"] and a.get("error") == b.get("error"), \
+                f"{where}: {a.get('error', 'ok')} here, {b.get('error', 'ok')} there"
+            if results and a["ok"]:
+                ra, rb = _without(a.get("result"), ignore), _without(b.get("result"), ignore)
+                assert ra == rb, f"{where}: results differ: {ra!r} / {rb!r}"
+        assert len(mine) == len(theirs), (f"{len(mine)} calls here, {len(theirs)} there; the first unmatched: "
+                                          f"{(mine[len(theirs):] or theirs[len(mine):])[0]['call']}")
+
+
+def _bounded(value):
+    from kernel.trace import bounded
+
+    return bounded(value)[0]
+
+
+def _without(value, ignore):
+    if isinstance(value, dict):
+        return {k: _without(v, ignore) for k, v in value.items() if k not in ignore}
+    if isinstance(value, list):
+        return [_without(v, ignore) for v in value]
+    return value
 
 
 # --- an OpenAI-compatible server, and faults in front of it (remote cores: docs/remote.md) -------------

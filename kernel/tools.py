@@ -507,7 +507,7 @@ def mcp_profile(cfg, profile: tuple) -> tuple[dict, dict]:
     no network unless ``profile`` has it, a read-only filesystem if ``profile`` says so, and beyond what agents
     may read: the program, the config's ``read`` paths and absolute file arguments, and the installed
     distributions of the ``mcp`` package and of the config's ``packages`` (with their requirements)."""
-    from sandbox.policy import program_paths
+    from sandbox.paths import program_paths
 
     argv, read, listed = program_paths(cfg.command, ("mcp", *cfg.packages))
     read = [*read, *cfg.read]

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox import cgroups, identity, landlock, namespaces, scratchfs, seccomp
+from sandbox import cgroups, identity, landlock, namespaces, paths, scratchfs, seccomp
 from sandbox import policy as policy_mod
 from syscalls.address import SOCKET_NAME
 
@@ -53,17 +53,18 @@ class Host:
     def __init__(self, runtime_dir: Path, protected: list[str], *, uid_base: int = DEFAULT_UID_BASE,
                  uid_count: int = DEFAULT_UID_COUNT, cpu_quota: float | None = DEFAULT_CPU_QUOTA,
                  extra_read: list[str] = (), use_uids: bool = True, use_cgroups: bool = True,
-                 use_tmpfs: bool = True):
+                 use_tmpfs: bool = True, cgroup_dir: str | None = None):
         """``protected``: paths agents must never reach (model files, the state dir).  ``uid_base``,
         ``uid_count``: the pool of agent uids (and gids) for a root kernel.  ``cpu_quota``: CPUs per agent
         (None: no quota).  ``extra_read``: more read-only paths for agents (e.g. a data set).  ``use_tmpfs``:
-        a tmpfs per agent on its scratch dir, where this process may mount one."""
+        a tmpfs per agent on its scratch dir, where this process may mount one.  ``cgroup_dir``: a cgroup v2
+        directory delegated to the kernel, instead of looking for one (sandbox.cgroups)."""
         self.runtime_dir = Path(runtime_dir)
         self.protected = [os.path.realpath(p) for p in protected]
         self.root = os.geteuid() == 0
         self.pid = os.getpid()
         self.cpu_quota = cpu_quota
-        read, listed = policy_mod.default_read_paths()
+        read, listed = paths.default_read_paths()
         self.read = list(read) + [os.path.realpath(p) for p in extra_read]
         self.listed = list(listed)
         self.check_paths(self.read + self.listed)
@@ -78,12 +79,12 @@ class Host:
         elif not self.root:
             self.uid_off = "needs root (the kernel is not running as root)"
         else:
-            blocker = identity.switch_blocker(identity.interpreter_paths())
+            blocker = identity.switch_blocker(paths.interpreter_paths())
             self.uid_off = f"another uid cannot run the interpreter: {blocker}" if blocker else None
         self._uids_free = set() if self.uid_off else set(range(uid_base, uid_base + uid_count))
         # cgroups
         if use_cgroups:
-            self.layout, self.cgroup_off = cgroups.detect(self.pid)
+            self.layout, self.cgroup_off = cgroups.detect(self.pid, cgroup_dir)
         else:
             self.layout, self.cgroup_off = None, "disabled by configuration"
         # scratch filesystems: probed (one trial mount) when first needed, once the runtime dir exists
@@ -98,17 +99,17 @@ class Host:
             def state(reason: str | None, detail: str = "") -> str:
                 return f"unavailable: {reason}" if reason else "available" + (f": {detail}" if detail else "")
             abi = landlock.abi_version()
-            ns_reason = None if self.root else namespaces.unprivileged_reason()
+            ns_reason = namespaces.available()
             self._capabilities = {
                 "cgroup": state(self.cgroup_off, self.layout and f"cgroup v{self.layout.version}"),
                 "netns": state(ns_reason, "net, ipc" if self.root else "user, net, ipc"),
                 "rlimits": state(None),
-                "landlock": state(landlock.unavailable_reason(abi), f"ABI {abi}"),
+                "landlock": state(landlock.available(abi), f"ABI {abi}"),
                 "caps": state(None, "root agents drop every capability" if self.root and self.uid_off
                               else "nothing to drop" if not self.root else "the uid switch drops them"),
                 "uid": state(self.uid_off, f"pool {self.uid_base}..{self.uid_base + self.uid_count - 1}"),
                 "prctl": state(None),
-                "seccomp": state(seccomp.supported()),
+                "seccomp": state(seccomp.available()),
                 "disk": state(self.tmpfs_off(), "tmpfs per agent with a disk_mb limit"),
             }
         return dict(self._capabilities)
@@ -223,7 +224,7 @@ class Host:
             pass
         agent = self._agents.get(agent_id)
         if agent and agent.cgroup_dirs:
-            cgroups.kill_all(agent.cgroup_dirs)
+            cgroups.kill(agent.cgroup_dirs)
 
     def death_reason(self, agent_id: int) -> str | None:
         """Why the agent died when the kernel did not kill it itself: the cgroup OOM killer, or None."""
@@ -239,7 +240,7 @@ class Host:
         of many files takes tens of milliseconds, so the kernel does it off its event loop."""
         agent = self._agents.pop(agent_id, None)
         if agent is not None and agent.cgroup_dirs:
-            cgroups.kill_all(agent.cgroup_dirs)
+            cgroups.kill(agent.cgroup_dirs)
             self._busy_dirs += cgroups.remove(agent.cgroup_dirs)
         self._retry_busy()  # groups of earlier agents whose last processes had not yet gone
         if agent is not None and agent.uid is not None:

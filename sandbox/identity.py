@@ -5,32 +5,23 @@ A root kernel gives each agent a uid/gid of its own (``[sandbox] uid_base``/``ui
 Unix permission checks, RLIMIT_NPROC and the kernel's peer credentials all tell agents apart.  That needs the
 interpreter and the SDK to be readable by "other": a Python installed under a 0700 home (pyenv in
 ``/root``) cannot be run by another uid, and ``switch_blocker`` says so.  Then the agent stays root but drops
-all capabilities (``drop_capabilities``): root without capabilities is an ordinary user that happens to own
+all capabilities (``sandbox.caps``): root without capabilities is an ordinary user that happens to own
 root's files -- which is why Landlock carries the filesystem boundary in that case.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
-import sys
 
-from sandbox import linux
-from sandbox.policy import LayerUnavailable
-
-CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-# securebits: root gets no capabilities on exec; no keep-caps; no ambient raise -- all locked
-SECBITS = (1 << 0) | (1 << 1) | (1 << 5) | (1 << 6) | (1 << 7)
+from sandbox.layer import LayerUnavailable
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+def available() -> str | None:
+    return None if os.geteuid() == 0 else "needs root (the kernel is not running as root)"
 
 
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+def apply(policy) -> str:
+    return switch(policy.uid, policy.gid)
 
 
 def switch(uid: int | None, gid: int | None) -> str:
@@ -65,58 +56,3 @@ def switch_blocker(paths: list[str]) -> str | None:
             if d == path and not mode & stat.S_IROTH:
                 return f"{d} (mode {stat.S_IMODE(mode):04o}) is not readable by other uids"
     return None
-
-
-def interpreter_paths() -> list[str]:
-    """What an agent of another uid must be able to read: the Python installation, the venv, the SDK."""
-    import agentproc
-    import sandbox
-    import syscalls
-    paths = [sys.base_prefix, sys.prefix, os.path.realpath(sys.executable)]
-    paths += [os.path.dirname(m.__file__) for m in (agentproc, syscalls, sandbox)]
-    return paths
-
-
-def _capget() -> tuple[_CapHeader, tuple[_CapData, _CapData]]:
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    linux.libc_call("capget", ctypes.byref(hdr), data)
-    return hdr, data
-
-
-def drop_capabilities(keep_setid: bool = False) -> str:
-    """Drop every capability of this thread: bounding set, ambient set, effective/permitted/inheritable.
-
-    Runs before ZeroMQ starts its threads (capabilities are per thread; new threads inherit them).
-    ``keep_setid``: keep CAP_SETUID/CAP_SETGID in effective+permitted for the uid switch that follows,
-    which clears them.
-    """
-    _, data = _capget()
-    held = any(d.effective or d.permitted or d.inheritable for d in data)
-    if not held:
-        return "none held"
-    dropped_bounding = False
-    if data[0].effective & (1 << CAP_SETPCAP):
-        try:
-            linux.prctl(linux.PR_SET_SECUREBITS, SECBITS)
-        except OSError:
-            pass
-        cap = 0
-        while True:
-            try:
-                linux.prctl(linux.PR_CAPBSET_DROP, cap)
-            except OSError:
-                break  # EINVAL: past the last capability this kernel knows
-            cap += 1
-        dropped_bounding = True
-    try:
-        linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
-    except OSError:
-        pass  # kernels before 4.3 have no ambient set
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    new = (_CapData * 2)()
-    if keep_setid:
-        new[0].effective = new[0].permitted = (1 << CAP_SETUID) | (1 << CAP_SETGID)
-    linux.libc_call("capset", ctypes.byref(hdr), new)
-    what = "all dropped" if not keep_setid else "all but setuid/setgid dropped (the uid switch drops those)"
-    return what + ("" if dropped_bounding else "; bounding set kept (no CAP_SETPCAP)")

@@ -27,7 +27,7 @@ import os
 import stat
 
 from sandbox import linux
-from sandbox.policy import LayerUnavailable
+from sandbox.layer import LayerUnavailable
 
 CREATE_RULESET_VERSION = 1 << 0
 RULE_PATH_BENEATH = 1
@@ -81,7 +81,8 @@ def abi_version() -> int:
         return 0
 
 
-def unavailable_reason(abi: int | None = None) -> str | None:
+def available(abi: int | None = None) -> str | None:
+    """None when this kernel has Landlock (``abi``: its ABI version, if known), else why not."""
     abi = abi_version() if abi is None else abi
     if abi <= 0:
         return "Landlock is not enabled in this kernel (needs Linux >= 5.13 with lsm=...,landlock)"
@@ -101,6 +102,12 @@ def handled_fs(abi: int) -> int:
     return rights
 
 
+def apply(policy) -> str:
+    """Restrict this thread to the policy's ``landlock_read``/``landlock_write``/``landlock_list`` paths and its
+    ``unix_sockets`` (see ``restrict``)."""
+    return restrict(policy.landlock_read, policy.landlock_write, policy.landlock_list, policy.unix_sockets)
+
+
 def restrict(read: list[str], write: list[str], listed: list[str] = (), unix_sockets: list[str] = ()) -> str:
     """Restrict this thread (and what it starts later) to ``read``/``write`` hierarchies; see the module doc.
 
@@ -110,7 +117,7 @@ def restrict(read: list[str], write: list[str], listed: list[str] = (), unix_soc
     them (>= 9).  Paths that do not exist are skipped.
     """
     abi = abi_version()
-    why = unavailable_reason(abi)
+    why = available(abi)
     if why:
         raise LayerUnavailable(why)
     fs = handled_fs(abi)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import os
 
 from sandbox import linux
-from sandbox.policy import LayerUnavailable
+from sandbox.layer import LayerUnavailable
 
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 
 
-def unprivileged_reason() -> str | None:
-    """Why this machine refuses unprivileged user namespaces (None: it allows them, as far as sysctls say)."""
+def available() -> str | None:
+    """None when this process may unshare its namespaces: as root, or where unprivileged user namespaces are
+    allowed (as far as sysctls say); else why not."""
+    if os.geteuid() == 0:
+        return None
     for path, bad in (("/proc/sys/user/max_user_namespaces", "0"),
                       ("/proc/sys/kernel/unprivileged_userns_clone", "0")):
         try:
@@ -31,13 +34,17 @@ def unprivileged_reason() -> str | None:
     return None
 
 
+def apply(policy) -> str:
+    return isolate(policy.netns, os.geteuid() == 0)
+
+
 def isolate(requested: bool, root: bool) -> str:
     if not requested:
         raise LayerUnavailable("not requested")
     if root:
         linux.libc_call("unshare", CLONE_NEWNET | CLONE_NEWIPC)
         return "net, ipc"
-    why = unprivileged_reason()
+    why = available()
     if why:
         raise LayerUnavailable(why)
     uid, gid = os.geteuid(), os.getegid()

@@ -38,7 +38,7 @@ import os
 import struct
 
 from sandbox import linux
-from sandbox.policy import LayerUnavailable
+from sandbox.layer import LayerUnavailable
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
@@ -241,17 +241,25 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def supported() -> str | None:
+def available() -> str | None:
     """None if this machine can have the filter, else why not."""
     if not linux.X86_64:
         return f"unsupported architecture {linux.MACHINE} (the filter is written for x86_64)"
     return None
 
 
+def apply(policy) -> str:
+    """The filter for the policy's ``allow_fork``, ``allow_connect``, ``allow_exec`` and ``network``; off when
+    the policy says ``seccomp = False`` (tests of the other layers)."""
+    if not policy.seccomp:
+        raise LayerUnavailable("not requested")
+    return install(policy.allow_fork, policy.allow_connect, allow_exec=policy.allow_exec, network=policy.network)
+
+
 def install(allow_fork: bool = False, allow_connect: bool | None = None, *, allow_exec: bool = False,
             network: bool = False) -> str:
     """Install the filter on every thread of this process (needs no_new_privs or CAP_SYS_ADMIN)."""
-    why = supported()
+    why = available()
     if why:
         raise LayerUnavailable(why)
     if allow_connect is None:

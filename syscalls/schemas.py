@@ -61,11 +61,18 @@ class Spawn(Args):
     limits: Limits | None = None
     fleet: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     restart: Literal["no", "on-failure", "always"] = "no"  # the restart policy (docs/abi.md, "Restart chains")
+    trace: bool = False  # record its syscalls (docs/abi.md, "Syscall traces")
 
 
 class Ready(Args):
     layers: Annotated[dict[Annotated[str, Meta(max_length=32)], Annotated[str, Meta(max_length=512)]],
                       Meta(max_length=32)]
+
+
+class Trace(Args):
+    id: ProcIdT
+    after: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    discard: bool = False
 
 
 class Logs(Args):

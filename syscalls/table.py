@@ -45,6 +45,7 @@ TABLE: dict[str, Syscall] = {
         Syscall("proc.kill", "kernel.sys_proc:proc_kill", S.Kill, PROC),
         Syscall("proc.spawn", "kernel.sys_proc:proc_spawn", S.Spawn, ADMIN),
         Syscall("proc.logs", "kernel.sys_proc:proc_logs", S.Logs, PROC),
+        Syscall("proc.trace", "kernel.sys_proc:proc_trace", S.Trace, ADMIN),
         Syscall("llm.generate", "kernel.sys_llm:llm_generate", S.Generate, LLM),
         Syscall("llm.chat", "kernel.sys_llm:llm_chat", S.Chat, LLM),
         Syscall("llm.cancel", "kernel.sys_llm:llm_cancel", S.Cancel, LLM),

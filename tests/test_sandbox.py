@@ -24,6 +24,8 @@ from sandbox.host import Host, SandboxError
 from kernel.testing import pid_gone
 from tests.conftest import STATE_DIR
 
+REPO = Path(__file__).resolve().parent.parent
+
 HARNESS = r'''
 import json, os, sys
 scratch, args = sys.argv[1], json.loads(sys.argv[2])
@@ -64,7 +66,8 @@ def sandboxed(tmp_path: Path, probe: str, *, allow_fork: bool = False, limits: d
               cgroup_procs: list[str] = (), off: dict | None = None, seccomp_on: bool = True,
               timeout: float = 30, wait: bool = True, uid: int | None = None, python: str = sys.executable,
               sys_path: list[str] = ()):
-    """Run ``probe`` in a sandboxed child; return (report, {name: "OK ..."|"DENIED errno"}, raw output)."""
+    """Run ``probe`` in a sandboxed child; return (report, {name: "OK ..."|"DENIED errno"}, raw output).
+    ``sys_path``: where the child imports ``sandbox`` from (default: this checkout)."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700, exist_ok=True)
     if uid is not None:
@@ -72,7 +75,7 @@ def sandboxed(tmp_path: Path, probe: str, *, allow_fork: bool = False, limits: d
     script = tmp_path / "child.py"
     script.write_text(HARNESS + textwrap.dedent(probe))
     args = json.dumps({"limits": limits or {}, "allow_fork": allow_fork, "cgroup_procs": list(cgroup_procs),
-                       "off": off or {}, "seccomp": seccomp_on, "uid": uid, "sys_path": list(sys_path),
+                       "off": off or {}, "seccomp": seccomp_on, "uid": uid, "sys_path": list(sys_path) or [str(REPO)],
                        "sock": str(tmp_path / "pair.sock")})
     cmd = [python, "-I", str(script), str(scratch), args]
     if not wait:
@@ -309,8 +312,8 @@ def test_rlimits_and_prctl(tmp_path):
 @pytest.mark.skipif(not ROOT, reason="capabilities to drop only when root")
 def test_root_agent_drops_every_capability(tmp_path):
     report, res, out = sandboxed(tmp_path, """
-        from sandbox import identity
-        _, data = identity._capget()
+        from sandbox import caps
+        _, data = caps._capget()
         attempt("caps", lambda: [(d.effective, d.permitted, d.inheritable) for d in data])
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -383,7 +386,7 @@ def test_capabilities_say_why_not(tmp_path):
     assert Host(tmp_path, [str(STATE_DIR)], use_tmpfs=False).capabilities()["disk"].startswith(
         "unavailable: disabled by configuration")
     assert all(v.startswith("available") or v.startswith("unavailable: ") for v in caps.values())
-    assert caps["seccomp"].startswith("unavailable") == (seccomp.supported() is not None)
+    assert caps["seccomp"].startswith("unavailable") == (seccomp.available() is not None)
 
 
 def _cgroup_host(tmp_path) -> Host:
@@ -505,3 +508,22 @@ def test_watchdog_cleans_up_when_the_kernel_dies(tmp_path):
     finally:
         if k.poll() is None:
             k.kill()
+
+
+def test_every_layer_has_the_same_entry_points_and_its_edges_run_one_way():
+    """As nsjail's: the orchestrator (policy.py) imports the layers, no layer imports it or the kernel side."""
+    import ast
+    import importlib
+
+    from sandbox.policy import _layers
+    for name, module in _layers():
+        if module is None:
+            continue  # the bootstrap's connect()
+        assert callable(module.available) and callable(module.apply), name
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+            {f"sandbox.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "sandbox"
+             for a in n.names}
+        assert imported & {"sandbox.policy", "sandbox.host", "sandbox.paths"} == set(), (name, imported)
+        assert {m for m in imported if m.startswith("sandbox.")} <= {"sandbox.layer", "sandbox.linux"}, name
+    assert importlib.import_module("sandbox.layer").LayerUnavailable

@@ -181,3 +181,24 @@ def test_a_group_commits_once_and_a_failing_job_undoes_only_itself(st):
     assert st.get("a", "g1")["data"] == b"one" and st.get("a", "g2")["data"] == b"two"
     assert [v["version"] for v in st.versions("a", "k")["versions"]] == [2, 1]
     assert st.usage("a") == {"bytes": 2 + 3 + 3, "keys": 2}
+
+
+def test_the_sqlite_backend_implements_the_backend_interface(tmp_path):
+    """Every method of ``Backend`` (what the kernel may call) exists on ``Storage`` with the same parameters,
+    and ``open_storage`` hides SQLite's own errors behind ``StorageUnavailable`` (docs/scale.md)."""
+    import inspect
+
+    from kernel.storage import Backend, StorageUnavailable, open_storage
+
+    names = [n for n, f in vars(Backend).items() if inspect.isfunction(f) and not n.startswith("_")]
+    assert "put" in names and "group" in names
+    for name in names:
+        want = list(inspect.signature(getattr(Backend, name)).parameters)
+        assert list(inspect.signature(getattr(Storage, name)).parameters) == want, name
+    st = open_storage("sqlite", tmp_path / "s.db")
+    assert st.put("ns", "k", "v")["version"] == 1
+    st.close()
+    with pytest.raises(StorageUnavailable, match="cannot open the storage database"):
+        open_storage("sqlite", tmp_path / "no-such-dir" / "s.db")
+    with pytest.raises(StorageUnavailable, match="not built"):
+        open_storage("postgresql", tmp_path / "s.db")

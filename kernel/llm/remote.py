@@ -54,6 +54,7 @@ KIND = "openai"
 BYTES_PER_TOKEN = 4  # a prompt's token estimate until the server reports its count (its tokenizer is not ours)
 MAX_ERROR_TEXT = 300  # characters of a server's error message passed on to the agent
 WAITING, RUNNING, DONE = "waiting", "running", "done"
+CANCELLED = EngineError("ECANCELED", "the request was cancelled")  # copied by _finish, never sent as is
 SERVER_FAULTS = ("EIO", "ETIMEDOUT")  # errors that count against the server (its circuit breaker)
 _IDS = itertools.count(1)
 
@@ -366,7 +367,7 @@ class RemoteCore:
         if req.task is not None:
             req.task.cancel()  # closes its HTTP stream; the task reports ECANCELED
         elif req.state == WAITING:
-            self._finish(req, "error", EngineError("ECANCELED", "the request was cancelled"))
+            self._finish(req, "error", CANCELLED)
 
     def _refill(self, now: float) -> None:
         if self.tokens_per_s:
@@ -407,6 +408,8 @@ class RemoteCore:
             self._finish(req, "error", EngineError("EIO", self._breaker_message(now)))
         for req in started:
             req.task = self._loop.create_task(self._serve(req))
+            # a task cancelled before its first step never runs its body: report it here (_finish is once only)
+            req.task.add_done_callback(lambda _, r=req: self._finish(r, "error", CANCELLED))
 
     def _admit_later(self) -> None:
         self._admit_timer = None
@@ -443,7 +446,7 @@ class RemoteCore:
             self._attempt_succeeded()
             self._finish(req, "done", result)
         except asyncio.CancelledError:
-            self._finish(req, "error", EngineError("ECANCELED", "the request was cancelled"), text)
+            self._finish(req, "error", CANCELLED, text)
         except EngineError as exc:
             self._finish(req, "error", exc, text)
         except Exception as exc:  # a bug of ours: that request only
@@ -581,7 +584,7 @@ class RemoteCore:
                 if not self._per_owner[req.owner]:
                     del self._per_owner[req.owner]
             if req.cancelled:
-                kind, payload = "error", EngineError("ECANCELED", "the request was cancelled")
+                kind, payload = "error", CANCELLED
             if kind == "error":
                 payload = EngineError(payload.code, payload.message)
                 payload.usage = {"prompt_tokens": req.estimate if req.sent else 0, "completion_tokens": req.n_chunks,
