@@ -115,7 +115,7 @@ def cancel(request_id: int, *, client: Client | None = None) -> bool:
 
 
 def models(*, client: Client | None = None) -> list[Model]:
-    """The models the kernel serves: ``[Model(name, default, n_ctx_seq)]`` (``model=NAME`` picks one)."""
+    """The models the kernel serves: ``[Model(name, default, n_ctx_seq, kind)]`` (``model=NAME`` picks one)."""
     return [Model(m) for m in (client or default()).call("llm.models")["models"]]
 
 

@@ -65,3 +65,4 @@ class Model(Record):
     name: str
     default: bool              # the one that answers a request naming no model
     n_ctx_seq: int             # context per sequence, in tokens
+    kind: str                  # "local" (the kernel runs it) or "openai" (a remote core: docs/remote.md)
