@@ -96,6 +96,10 @@ class Kernel:
         self.tool_chats: dict[Call, dict] = {}  # llm.chat calls with tools -> the tools offered (toolcalls.shape)
         self.router: Router | None = None
         self._events: collections.deque = collections.deque()
+        # Where the main thread's time goes (always on; sys.status "loop", sys.metrics): the periodic sweep
+        # (limits, tools, audit, metrics...), syscalls, engine event delivery, signals, agents' output.
+        self.loop_times = {"sweep_s": 0.0, "router_s": 0.0, "events_s": 0.0, "signals_s": 0.0, "output_s": 0.0,
+                           "wakeups": 0}
         self._followers: dict[int, list[Call]] = {}
         self._pipe_owner: dict[int, Proc] = {}
         self._stop_reason: str | None = None
@@ -235,8 +239,10 @@ class Kernel:
         router_sock, wake_r, sig_r = self.router.sock, self._wake_r, self._sig_r.fileno()
         poll = self.poller.poll
         resources = self.resources
+        busy, clock = self.loop_times, time.perf_counter
         while self._stop_reason is None:
             events = poll(int(resources.period * 1000))
+            t0 = clock()
             if not events:
                 self._reap()  # belt and braces: a SIGCHLD can coalesce with another signal
             if resources.due():
@@ -253,16 +259,26 @@ class Kernel:
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
+            t1 = clock()
+            busy["sweep_s"] += t1 - t0
             for what, _ in events:
                 if what is router_sock:
                     self.router.serve_ready()
+                    part = "router_s"
                 elif what == wake_r:
                     self._drain_engine_events()
+                    part = "events_s"
                 elif what == sig_r:
                     self._drain_signals()
                     self._reap()
+                    part = "signals_s"
                 else:
                     self._read_output(what)
+                    part = "output_s"
+                t2 = clock()
+                busy[part] += t2 - t1
+                t1 = t2
+            busy["wakeups"] += 1
         self.shutdown()
 
     def status(self) -> dict:
@@ -271,7 +287,7 @@ class Kernel:
         return {
             "pid": os.getpid(), "uptime_s": time.time() - self.started_at, "runtime_dir": str(self.runtime_dir),
             "procs": {"live": len(live), "total": len(self.procs.all())},
-            "sandbox": self.host.capabilities(), "llm": self.engine.stats(),
+            "sandbox": self.host.capabilities(), "llm": self.engine.stats(), "loop": dict(self.loop_times),
             "audit_log": self.audit.path if self.audit else None, "traces": self.traces.status(),
         }
 

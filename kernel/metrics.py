@@ -51,6 +51,13 @@ class KernelCollector:
             for model, st in stats.items():
                 fam.add_metric([model], float(st.get(key, 0)))
             yield fam
+        yield from _profile(stats)
+        main = CounterMetricFamily("aiosd_main_thread_seconds", "Main thread busy time, by part (the profile)",
+                                   labels=["part"])
+        for key, value in sorted(k.loop_times.items()):
+            if key.endswith("_s"):
+                main.add_metric([key[:-2]], value)
+        yield main
         size = GaugeMetricFamily("aiosd_llm_kv_cells", "KV cells of the context", labels=["model"])
         for model, st in stats.items():
             size.add_metric([model], float(k.engine.get(model).kv_size))
@@ -80,6 +87,32 @@ class KernelCollector:
         for pool, st in sorted(k.tools.stats().items()):
             queued.add_metric([pool], st["queued"])
         yield queued
+
+
+def _profile(stats: dict):
+    """The engines' profile (docs/engine.md, "Profile"): engine-thread time by part, llama_decode time and
+    tokens by kind of batch, batch rows, time queued."""
+    parts = CounterMetricFamily("aiosd_llm_engine_seconds", "Engine thread time, by part", labels=["model", "part"])
+    decode = CounterMetricFamily("aiosd_llm_decode_seconds", "Time in llama_decode, by kind of batch",
+                                 labels=["model", "batch"])
+    steps = CounterMetricFamily("aiosd_llm_decode_steps", "llama_decode calls, by kind of batch",
+                                labels=["model", "batch"])
+    tokens = CounterMetricFamily("aiosd_llm_batch_tokens", "Batch tokens, by kind", labels=["model", "kind"])
+    rows = CounterMetricFamily("aiosd_llm_batch_rows", "Sequences in batches, summed over steps (occupancy)",
+                               labels=["model"])
+    queued = CounterMetricFamily("aiosd_llm_queued_seconds", "Time requests waited before they first ran, summed",
+                                 labels=["model"])
+    for model, st in stats.items():
+        for part in ("plan", "sample", "step", "idle"):
+            parts.add_metric([model, part], float(st.get(f"{part}_s", 0)))
+        for kind in ("decode", "prefill", "mixed"):
+            decode.add_metric([model, kind], float(st.get(f"decode_s_{kind}", 0)))
+            steps.add_metric([model, kind], float(st.get(f"decode_steps_{kind}", 0)))
+        tokens.add_metric([model, "decode"], float(st.get("tokens_decode", 0)))
+        tokens.add_metric([model, "prefill"], float(st.get("tokens_prefill", 0)))
+        rows.add_metric([model], float(st.get("batch_rows", 0)))
+        queued.add_metric([model], float(st.get("queued_s", 0)))
+    yield from (parts, decode, steps, tokens, rows, queued)
 
 
 class Metrics:

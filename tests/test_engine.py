@@ -308,6 +308,13 @@ def test_stats_count_the_work(engine, sink, model_path):
     assert after["prompt_tokens"] - before["prompt_tokens"] == len(engine.tokenize("Water boils at"))
     assert after["steps"] > before["steps"]
     assert engine.model_name == Path(model_path).name
+    # The profile (docs/engine.md, "Profile"): every step's decode time and tokens land in one kind of batch.
+    steps = sum(after[f"decode_steps_{k}"] - before[f"decode_steps_{k}"] for k in ("decode", "prefill", "mixed"))
+    assert steps == after["steps"] - before["steps"]
+    assert after["tokens_decode"] - before["tokens_decode"] == 4  # 5 sampled, the last never fed back
+    assert after["tokens_prefill"] - before["tokens_prefill"] == len(engine.tokenize("Water boils at"))
+    assert after["batch_rows"] - before["batch_rows"] == steps
+    assert after["requests_started"] - before["requests_started"] == 1 and after["queued_s"] >= before["queued_s"]
 
 
 # ---- life cycle (own engines) ----------------------------------------------------------------------------------

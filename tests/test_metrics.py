@@ -63,6 +63,9 @@ def test_metrics_after_a_workload(tmp_path, model_path):
         assert value(text, 'aiosd_llm_batch_active{model="default"}') >= 0
         assert value(text, 'aiosd_llm_requests_waiting{model="default"}') == 0
         assert value(text, 'aiosd_llm_evictions_total{model="default"}') >= 0
+        assert value(text, 'aiosd_llm_batch_tokens_total{kind="decode",model="default"}') >= 7
+        assert value(text, 'aiosd_llm_engine_seconds_total{model="default",part="step"}') > 0
+        assert value(text, 'aiosd_main_thread_seconds_total{part="router"}') > 0
         assert value(text, 'aiosd_syscall_seconds_count{call="llm.generate"}') >= 1
         assert value(text, 'aiosd_syscall_seconds_count{call="tool.call"}') >= 1
         assert value(text, 'aiosd_tool_calls_total{pool="calculator"}') >= 1

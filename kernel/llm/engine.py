@@ -635,7 +635,7 @@ class Engine:
             if seq.row < 0:
                 continue
             if seq.grammar is None:
-                token = sampler.sample(ctx, seq.row, seq.sampler, None)
+                token = sampler.sample(ctx, seq.row, seq.sampler, None, greedy=seq.req.params.temperature == 0)
             else:  # constrained sampling can cost many steps' time: charged to its owner as tokens
                 started = time.perf_counter()
                 token = sampler.sample(ctx, seq.row, seq.sampler, seq.grammar)

@@ -83,17 +83,23 @@ class Sampler:
         self._one = np.zeros(1, _TOKEN_DATA)
         self._top = np.zeros(GRAMMAR_CANDIDATES, _TOKEN_DATA)
 
-    def sample(self, ctx, row: int, chain, grammar) -> int:
+    def sample(self, ctx, row: int, chain, grammar, greedy: bool = False) -> int:
         """The next token from batch row ``row`` of ``ctx``'s logits: the C sampler ``chain``, constrained by the
-        ``grammar`` sampler if any; -1 when the grammar allows no token."""
+        ``grammar`` sampler if any; -1 when the grammar allows no token.  ``greedy``: ``chain`` is the greedy
+        sampler alone (temperature 0)."""
         if grammar is None:
+            if greedy:
+                # What llama.cpp's greedy sampler selects -- the first token of highest logit -- without building
+                # its candidate array of the whole vocabulary (~1 ms for 262k tokens, docs/engine.md "Profile");
+                # the greedy sampler keeps no state, so there is nothing to accept.
+                return int(np.argmax(self._logits(ctx, row)))
             return llama_cpp.llama_sampler_sample(chain, ctx, row)
         # As llama.cpp's common_sampler: sample unconstrained, and only if the grammar rejects that token sample
         # again under the grammar -- first among the GRAMMAR_CANDIDATES most likely tokens (about 1 ms), and only
         # if it allows none of those over the whole vocabulary (~50-250 ms for 262k tokens, during which every
         # other sequence of the batch waits).  Greedy choices are exactly those of the full-vocabulary
         # pass; a sampled one is drawn from the most likely allowed tokens, as under top_k = GRAMMAR_CANDIDATES.
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,))
+        logits = self._logits(ctx, row)
         token = self._apply(chain, logits)
         if token < 0 or not self._allows(grammar, token):
             token = self._apply_top(chain, logits, grammar)
@@ -103,6 +109,10 @@ class Sampler:
             llama_cpp.llama_sampler_accept(grammar, token)
             llama_cpp.llama_sampler_accept(chain, token)
         return token
+
+    def _logits(self, ctx, row: int):
+        """Batch row ``row``'s logits, a numpy view (valid until the next decode)."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,))
 
     def _allows(self, grammar, token: int) -> bool:
         """Whether ``grammar`` accepts ``token`` next (it leaves a lone candidate's logit finite)."""
