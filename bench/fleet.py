@@ -105,13 +105,13 @@ def run_aiosd(share: str, layout: str = "auto") -> dict:
         cpu0 = sum(kproc.cpu_times()[:2])
         start = time.time() + 3 + 0.05 * AGENTS  # every agent spawned and connected first
         extra = {"fleet": "p0"} if share == "fleet" else {}
-        ids = [kernel.client.call("proc.spawn", {
+        agent_ids = [kernel.client.call("proc.spawn", {
             "source": AGENT, "name": f"p0-{i}", **extra,
             "argv": [str(start), json.dumps(questions(i)), str(MAX_TOKENS), SYSTEM]})["id"] for i in range(AGENTS)]
         turns, ends = [], []
-        for i in ids:
-            rec = kernel.wait(i, timeout=3600)
-            out = kernel.output(i)
+        for agent_id in agent_ids:
+            rec = kernel.wait(agent_id, timeout=3600)
+            out = kernel.output(agent_id)
             assert rec["exit_status"] == 0 and "RESULT" in out, out[-2000:]
             got = json.loads(out.split("RESULT", 1)[1])
             turns.append(got["turns"])

@@ -81,11 +81,11 @@ def prompts() -> list[str]:
     return [f"Story {i}: Once upon a time, in a small village by the sea," for i in range(N_AGENTS)]
 
 
-def results(kernel, ids: list[int], word: str) -> list[list[float]]:
+def results(kernel, agent_ids: list[int], word: str) -> list[list[float]]:
     out = []
-    for pid_ in ids:
-        rec = kernel.wait(pid_, timeout=300)
-        text = kernel.output(pid_)
+    for agent_id in agent_ids:
+        rec = kernel.wait(agent_id, timeout=300)
+        text = kernel.output(agent_id)
         assert rec["exit_status"] == 0, text
         out += [list(map(float, line.split()[1:])) for line in text.splitlines() if line.startswith(word)]
     return out
@@ -97,8 +97,8 @@ def results(kernel, ids: list[int], word: str) -> list[list[float]]:
 def kernel_round(kernel) -> dict:
     """32 agents, one generation each, all released at the same instant; aggregate tokens/s."""
     t0 = time.time() + 0.2 * N_AGENTS + 2.0  # every agent is up and connected by then
-    ids = [kernel.spawn(P1_AGENT, argv=[str(i), repr(t0), str(N_TOKENS)])["id"] for i in range(N_AGENTS)]
-    rows = results(kernel, ids, "RESULT")
+    agent_ids = [kernel.spawn(P1_AGENT, argv=[str(i), repr(t0), str(N_TOKENS)])["id"] for i in range(N_AGENTS)]
+    rows = results(kernel, agent_ids, "RESULT")
     late = max(r[0] for r in rows) - t0
     tokens = sum(r[2] for r in rows)
     span = max(r[1] for r in rows) - t0

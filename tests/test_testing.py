@@ -3,6 +3,7 @@ fixtures, the marker, the raw client, the config helpers."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from kernel.testing import TEST_CONFIG, config_text, eventually
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 
 
 def test_config_text_merges_sections_and_named_tables():
@@ -89,3 +90,44 @@ def test_nothing_outside_tests_imports_tests():
                             "bench", "examples", "kernel", "agentproc", "sandbox", "syscalls"],
                            cwd=REPO, capture_output=True, text=True).stdout.split()
     assert found == [], found
+
+
+OUTSIDE_TEST = '''
+import pytest
+from kernel.testing import Trace, config_text
+
+AGENT = "from agentproc import ping, storage\\nping()\\nstorage.put('k', 'v')\\nprint('done', flush=True)\\n"
+
+
+def test_my_agent_runs(kernel):
+    rec, out = kernel.run(AGENT, trace=True)
+    assert rec["exit_status"] == 0 and "done" in out
+    trace = Trace.fetch(kernel, rec["id"])
+    assert "storage.put" in trace.calls and not trace.errors
+
+
+@pytest.mark.fresh_kernel(config=config_text(groups={"tiny": {"privileges": ["basic"]}}))
+def test_my_group_cannot_store(kernel):
+    rec, out = kernel.run("from agentproc import storage\\nstorage.put('k', 'v')\\n", group="tiny")
+    assert rec["exit_status"] != 0 and "EPERM" in out
+
+
+def test_raw_frames(raw_client):
+    assert raw_client.request("sys.ping")["result"] == {"pong": True}
+'''
+
+
+def test_a_project_outside_the_repository_uses_the_installed_plugin(tmp_path):
+    """A user's own project: no conftest, no path into this repository -- the fixtures come from the pytest11
+    entry point of the installed package."""
+    from importlib.metadata import entry_points
+
+    if not [e for e in entry_points(group="pytest11") if e.name == "aiosd"]:
+        pytest.skip("the aiosd package is not installed with its entry points (run `make install`)")
+    project = tmp_path / "myagents"
+    project.mkdir()
+    (project / "test_my_agent.py").write_text(OUTSIDE_TEST)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=240",
+                             str(project)], cwd=project, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "3 passed" in result.stdout, result.stdout[-2000:]
