@@ -179,3 +179,35 @@ def test_the_table_on_disk_keeps_the_newest_records_and_one_kernel(tmp_path):
     rows, _ = db.load(keep=1)  # live and waiting records are never pruned
     assert [r["id"] for r, _ in rows] == [8, 9]
     db.close()
+
+
+def test_kill_9_in_the_middle_of_writes_loses_no_committed_record(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from kernel.procdb import ProcDB
+    from tests.conftest import REPO
+
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+from kernel.procdb import ProcDB
+db = ProcDB({str(tmp_path / "procs.db")!r})
+i = 0
+while True:
+    i += 1
+    db.save([{{"id": i, "state": "RUNNING", "restart_at": None, "pad": "x" * 2000}}], meta={{"next_id": i + 1}})
+    print(i, flush=True)
+"""], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    committed = 0
+    for line in writer.stdout:
+        committed = int(line)
+        if committed >= 300:
+            break
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(10)
+    db = ProcDB(tmp_path / "procs.db")  # the killed writer's lock went with it
+    rows, meta = db.load()
+    db.close()
+    ids = [r["id"] for r, _ in rows]
+    assert ids[:committed] == list(range(1, committed + 1)) and int(meta["next_id"]) >= committed + 1
