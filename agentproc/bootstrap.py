@@ -40,6 +40,9 @@ def main() -> None:
     from agentproc import openai_hook
     openai_hook.install()  # `from openai import OpenAI` reaches the kernel over this connection (imports nothing)
     sys.path.extend(policy.sys_path)  # an operator's venv (proc.spawn venv): after the SDK, which it cannot shadow
+    # The program's directory first, as `python FILE` and `python DIR` do: a multi-file agent (proc.spawn files)
+    # imports its own modules.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(program)))
     sys.argv = sys.argv[1:]  # [filename, *args], as if the program had been run directly
     try:
         runpy.run_path(program, run_name="__main__")

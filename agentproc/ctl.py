@@ -194,10 +194,47 @@ def _follow(holder: list, pid: int, a) -> dict:
         pid = rec["next"]
 
 
+MAX_AGENT_FILES = 256  # files of a multi-file agent besides __main__.py (syscalls/schemas.py MAX_FILES)
+
+
+def agent_files(directory: str) -> dict[str, str]:
+    """The files of a multi-file agent: every file under ``directory`` but ``__main__.py``, hidden ones and
+    ``__pycache__``, by relative path.  SystemExit, saying what to change, when it has no ``__main__.py``, more
+    than ``MAX_AGENT_FILES`` files, or a file that is not UTF-8 text."""
+    if not os.path.isfile(os.path.join(directory, "__main__.py")):
+        raise SystemExit(f"aiosctl: {directory} has no __main__.py: a directory agent starts there "
+                         "(as `python DIR` would)")
+    files = {}
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if name.startswith(".") or rel == "__main__.py":
+                continue
+            try:
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    files[rel] = f.read()
+            except UnicodeDecodeError:
+                raise SystemExit(f"aiosctl: {os.path.join(root, name)} is not UTF-8 text; an agent ships text "
+                                 "files only (put data in storage)") from None
+            if len(files) > MAX_AGENT_FILES:
+                raise SystemExit(f"aiosctl: {directory} has more than {MAX_AGENT_FILES} files besides "
+                                 "__main__.py; ship fewer (data belongs in storage)")
+    return files
+
+
 def cmd_run(c: Client, a) -> int:
-    with open(a.file, encoding="utf-8") as f:
+    path = a.file
+    if os.path.isdir(path):  # a multi-file agent: DIR/__main__.py and the files beside it
+        files, path = agent_files(a.file), os.path.join(a.file, "__main__.py")
+        a.name = a.name or os.path.basename(os.path.abspath(a.file))
+    else:
+        files = {}
+    with open(path, encoding="utf-8") as f:
         source = f.read()
-    args = {"source": source, "filename": os.path.basename(a.file), "group": a.group, "argv": a.args}
+    args = {"source": source, "filename": os.path.basename(path), "group": a.group, "argv": a.args}
+    if files:
+        args["files"] = files
     if a.name:
         args["name"] = a.name
     if a.fleet:
@@ -522,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON (also accepted after the command)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="start an agent program")
-    p.add_argument("file")
+    p.add_argument("file", help="a Python file, or a directory with __main__.py (and its other modules)")
     p.add_argument("--name")
     p.add_argument("--group", default="default")
     p.add_argument("--fleet", help="launch it in this fleet: with [llm] share_prefix = \"fleet\", agents of one "

@@ -437,6 +437,8 @@ class Kernel:
         traced = profile is None and (args.trace or self.config.kernel.trace_all)
         if traced:
             self.traces.make_room()  # before it starts: a traced agent starts traced or not at all
+        if args.filename in args.files:
+            raise EINVAL(f"files: {args.filename!r} is the program itself; ship it as source")
         next_id = self.procs.next_id
         try:
             proc = self.procs.spawn(args.source, args.filename, name, args.group, list(args.argv),
@@ -444,7 +446,8 @@ class Kernel:
                                     lambda scratch: self.host.prepare(next_id, scratch, limits,
                                                                       **{"allow_fork": group.allow_fork,
                                                                          "packages": packages,
-                                                                         **(profile or {})}))
+                                                                         **(profile or {})}),
+                                    files=dict(args.files))
         except BaseException as exc:
             if self.procs.next_id != next_id:  # it got as far as its scratch dir: undo that
                 mount = self.host.release(next_id)
@@ -462,7 +465,8 @@ class Kernel:
         elif args.restart != "no":
             proc.restart = args.restart
             proc.spec = {"source": args.source, "filename": args.filename, "name": name, "group": args.group,
-                         "argv": list(args.argv), "fleet": args.fleet}
+                         "argv": list(args.argv), "fleet": args.fleet, "files": dict(args.files),
+                         "venv": args.venv, "trace": args.trace}
         self._save([proc], new=True)
         self.resources.disk.track(proc.id, proc.scratch, limits, self.host.scratch_mounted(proc.id))
         if limits["syscall_rate"]:
@@ -478,7 +482,7 @@ class Kernel:
         """The site-packages directory an agent imports from: ``proc.spawn venv`` (operators only: an agent,
         even an admin one, may not point the sandbox's read set at a path of its choosing) or its group's
         ``venv``.  EPERM / EINVAL (naming what to fix) otherwise."""
-        if args.venv is not None and owner.proc is not None:
+        if args.venv is not None and getattr(owner, "proc", None) is not None:  # _Owner: a relaunch
             raise EPERM("only an operator may give proc.spawn a venv (an agent may not widen what another agent "
                         "reads); use a group's venv in the config")
         venv = args.venv or group.venv

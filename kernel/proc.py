@@ -324,13 +324,14 @@ class ProcTable:
 
     # --- verbs ---------------------------------------------------------------------------------------
     def spawn(self, source: str, filename: str, name: str, group: str, argv: list[str], owner: str,
-              limits: dict, make_policy: Callable[[Path], Policy]) -> Proc:
+              limits: dict, make_policy: Callable[[Path], Policy], files: dict[str, str] | None = None) -> Proc:
         """Start ``source`` as a new agent process (bootstrap first, then the program as ``__main__``).
 
         The child gets a scrubbed environment, its own session and process group, a private 0700 scratch
         directory as cwd, pipes for stdout and stderr (it inherits no other descriptor) and the sandbox policy
         ``make_policy(scratch)``, which its bootstrap applies.  Raises EAGAIN when ``max_procs`` processes
-        are alive.
+        are alive.  ``files`` (relative path -> text): more files of a multi-file agent, written into the
+        scratch dir beside the program.
         """
         if len(self.live()) >= self.max_procs:
             raise EAGAIN(f"the process table is full ({self.max_procs} live processes); wait or kill one")
@@ -341,8 +342,15 @@ class ProcTable:
         policy = make_policy(scratch)  # first: it may mount the scratch dir's own filesystem
         program = scratch / filename
         program.write_text(source, encoding="utf-8")
+        written = [program]
+        for rel, text in (files or {}).items():  # paths checked by the schema: relative, no "..", no dot files
+            path = scratch / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            written += [path, *[p for p in path.parents if scratch in p.parents]]
         if policy.uid is not None:
-            os.chown(program, policy.uid, policy.gid)
+            for path in written:
+                os.chown(path, policy.uid, policy.gid)
         token = b"A" + secrets.token_bytes(15)  # user-set routing ids must not start with a zero byte
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "LANG": "C.UTF-8",

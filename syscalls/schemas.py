@@ -52,6 +52,12 @@ class Limits(Args, omit_defaults=True):
     storage_keys: Annotated[int, Meta(ge=1)] | None = None      # keys in its namespace (EDQUOT beyond)
 
 
+MAX_FILES = 256  # files a multi-file agent ships with proc.spawn (besides its program)
+# A relative path of components that do not start with a dot (no "..", no hidden files), 255 bytes at most.
+FilePathT = Annotated[str, Meta(min_length=1, max_length=255,
+                                pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*){0,15}$")]
+
+
 class Spawn(Args):
     source: Annotated[str, Meta(max_length=1 << 20)]
     filename: Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.-]+$")] = "agent.py"
@@ -63,6 +69,7 @@ class Spawn(Args):
     restart: Literal["no", "on-failure", "always"] = "no"  # the restart policy (docs/abi.md, "Restart chains")
     trace: bool = False  # record its syscalls (docs/abi.md, "Syscall traces")
     venv: Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/")] | None = None  # operators only
+    files: Annotated[dict[FilePathT, Annotated[str, Meta(max_length=1 << 20)]], Meta(max_length=MAX_FILES)] = {}
 
 
 class Ready(Args):

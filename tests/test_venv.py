@@ -54,3 +54,26 @@ def test_aiosctl_run_venv(kernel, venv, tmp_path):
     run = subprocess.run([sys.executable, "-m", "agentproc.ctl", "--runtime-dir", str(kernel.runtime_dir), "run",
                           "--wait", "--venv", str(venv), str(agent)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "VALUE 42" in run.stdout, run.stdout + run.stderr
+
+
+def test_aiosctl_run_dir_runs_a_multi_file_agent(kernel, venv, tmp_path):
+    agent = tmp_path / "summariser"
+    (agent / "lib").mkdir(parents=True)
+    (agent / "__main__.py").write_text("import helper\nfrom lib import words\nimport tinypkg\n"
+                                       "print('RESULT', helper.NAME, words.count('a b c'), tinypkg.VALUE, flush=True)\n")
+    (agent / "helper.py").write_text("NAME = 'helper'\n")
+    (agent / "lib" / "__init__.py").write_text("")
+    (agent / "lib" / "words.py").write_text("def count(text):\n    return len(text.split())\n")
+    (agent / "__pycache__").mkdir()
+    (agent / "__pycache__" / "junk.pyc").write_bytes(b"\x00\xff")
+    run = subprocess.run([sys.executable, "-m", "agentproc.ctl", "--runtime-dir", str(kernel.runtime_dir), "run",
+                          "--wait", "--venv", str(venv), str(agent)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "RESULT helper 3 42" in run.stdout, run.stdout + run.stderr
+    listed = [p for p in kernel.client.call("proc.list")["procs"] if p["name"] == "summariser"]
+    assert listed, "a directory agent is named after its directory"
+
+
+def test_aiosctl_run_dir_without_main_says_what_to_do(kernel, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "agentproc.ctl", "--runtime-dir", str(kernel.runtime_dir), "run",
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "__main__.py" in run.stderr, run.stderr

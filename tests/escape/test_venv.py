@@ -35,3 +35,23 @@ def test_an_agent_cannot_name_a_venv_nor_read_beyond_site_packages(kernel, venv,
     assert res["site"] == "OK 42", out
     assert denied(res, "secret") and denied(res, "cfg"), out
     neighbour.assert_unharmed()
+
+
+@pytest.mark.parametrize("path", ["../escape.py", "/etc/cron.d/x", "a/../../b.py", ".bashrc", "a/.hidden/x.py",
+                                  "a//b.py", "", "/".join(["d"] * 17) + "/x.py", "x" * 300])
+def test_shipped_files_stay_in_the_scratch_dir(kernel, path):
+    from agentproc.errors import EINVAL
+
+    with pytest.raises(EINVAL):
+        kernel.spawn("pass", files={path: "print('planted')"})
+
+
+def test_too_many_files_or_the_program_twice_are_refused(kernel):
+    from agentproc.errors import EINVAL
+
+    with pytest.raises(EINVAL):
+        kernel.spawn("pass", files={f"m{i}.py": "" for i in range(257)})
+    with pytest.raises(EINVAL, match="program itself"):
+        kernel.spawn("pass", files={"agent.py": "print('other')"})
+    rec, out = kernel.run("import m0, m255\nprint('ok')", files={f"m{i}.py": "" for i in range(256)})
+    assert rec["exit_status"] == 0 and "ok" in out, out
