@@ -39,6 +39,7 @@ def main() -> None:
     client.default().call("proc.ready", {"layers": layers})
     from agentproc import openai_hook
     openai_hook.install()  # `from openai import OpenAI` reaches the kernel over this connection (imports nothing)
+    sys.path.extend(policy.sys_path)  # an operator's venv (proc.spawn venv): after the SDK, which it cannot shadow
     sys.argv = sys.argv[1:]  # [filename, *args], as if the program had been run directly
     try:
         runpy.run_path(program, run_name="__main__")

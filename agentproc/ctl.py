@@ -204,6 +204,8 @@ def cmd_run(c: Client, a) -> int:
         args["fleet"] = a.fleet
     if a.trace:
         args["trace"] = True
+    if a.venv:
+        args["venv"] = os.path.abspath(a.venv)
     if a.restart != "no":
         args["restart"] = a.restart
     limits = {k: getattr(a, k) for k in LIMIT_FLAGS if getattr(a, k) is not None}
@@ -526,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fleet", help="launch it in this fleet: with [llm] share_prefix = \"fleet\", agents of one "
                                    "fleet reuse each other's cached prompts (docs/engine.md)")
     p.add_argument("--trace", action="store_true", help="record its syscalls (read them with `aiosctl trace ID`)")
+    p.add_argument("--venv", metavar="PATH", help="a virtual environment (python -m venv) whose site-packages the "
+                                                  "agent imports from, read-only (docs/abi.md, proc.spawn)")
     p.add_argument("--wait", action="store_true", help="stream its output (across relaunches and kernel restarts) "
                                                        "and exit with its status")
     p.add_argument("--restart", choices=("no", "on-failure", "always"), default="no",

@@ -35,6 +35,7 @@ class Group:
     limits: dict = field(default_factory=dict)
     allow_fork: bool = False  # may its agents create processes (seccomp)? Threads are always allowed.
     tools: frozenset[str] | None = None  # the tools its agents may call (tool.call, tool.list); None: every tool
+    venv: str | None = None  # a virtual environment whose site-packages its agents import from (read-only)
 
 
 DEFAULT_GROUPS: dict[str, Group] = {
@@ -210,11 +211,12 @@ class GroupTable(Section):
     limits: Limits = Limits()  # the ranges of proc.spawn's limits (docs/abi.md 4)
     allow_fork: bool = False
     tools: list[Annotated[str, Meta(min_length=1)]] | None = None
+    venv: Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/")] | None = None  # an absolute path
 
     def group(self) -> Group:
         limits = {k: v for k, v in msgspec.structs.asdict(self.limits).items() if v is not None}
         return Group(frozenset(self.privileges), self.priority, limits, self.allow_fork,
-                     None if self.tools is None else frozenset(self.tools))
+                     None if self.tools is None else frozenset(self.tools), self.venv)
 
 
 class Config(msgspec.Struct):

@@ -15,6 +15,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from sandbox.linux import become_subreaper
 from syscalls import codec
 from syscalls.schemas import STOP_SIGNALS, Spawn
 from syscalls.address import OPERATOR_KEY_NAME
-from syscalls.errors import EAGAIN, ENOENT, EPERM, SyscallError, error_for
+from syscalls.errors import EAGAIN, EINVAL, ENOENT, EPERM, SyscallError, error_for
 
 log = logging.getLogger("aiosd")
 
@@ -432,6 +433,7 @@ class Kernel:
             limits = dict(chain.limits)
         else:
             limits = effective_limits(group.limits, msgspec.structs.asdict(args.limits) if args.limits else None)
+        packages = self._packages(args, group, owner) if profile is None else ()
         traced = profile is None and (args.trace or self.config.kernel.trace_all)
         if traced:
             self.traces.make_room()  # before it starts: a traced agent starts traced or not at all
@@ -441,6 +443,7 @@ class Kernel:
                                     owner.describe(), limits,
                                     lambda scratch: self.host.prepare(next_id, scratch, limits,
                                                                       **{"allow_fork": group.allow_fork,
+                                                                         "packages": packages,
                                                                          **(profile or {})}))
         except BaseException as exc:
             if self.procs.next_id != next_id:  # it got as far as its scratch dir: undo that
@@ -469,6 +472,17 @@ class Kernel:
             self.poller.register(fd, zmq.POLLIN)
         log.info("spawned agent %d (%s) pid %d group %s", proc.id, name, proc.pid, args.group)
         return proc
+
+    @staticmethod
+    def _packages(args, group, owner) -> tuple[str, ...]:
+        """The site-packages directory an agent imports from: ``proc.spawn venv`` (operators only: an agent,
+        even an admin one, may not point the sandbox's read set at a path of its choosing) or its group's
+        ``venv``.  EPERM / EINVAL (naming what to fix) otherwise."""
+        if args.venv is not None and owner.proc is not None:
+            raise EPERM("only an operator may give proc.spawn a venv (an agent may not widen what another agent "
+                        "reads); use a group's venv in the config")
+        venv = args.venv or group.venv
+        return (venv_site_packages(venv),) if venv else ()
 
     def attest(self, caller, layers: dict) -> None:
         """proc.ready: the bootstrap reports the sandbox layers it applied, once, before the program runs."""
@@ -918,6 +932,17 @@ class Kernel:
                 call.fail(payload.code, str(payload))
         if charged:  # on disk at once: a kernel crash must not wipe tokens off a quota (docs/operating.md)
             self._save(charged)
+
+
+def venv_site_packages(venv: str) -> str:
+    """The real path of ``venv``'s site-packages for the kernel's Python (``lib/pythonX.Y/site-packages``);
+    EINVAL, naming what is missing, when ``venv`` is not such a virtual environment."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = os.path.realpath(os.path.join(venv, "lib", version, "site-packages"))
+    if not os.path.isfile(os.path.join(venv, "pyvenv.cfg")) or not os.path.isdir(site):
+        raise EINVAL(f"{venv} is not a virtual environment of {version} (no pyvenv.cfg and lib/{version}/"
+                     f"site-packages): make one with `{version} -m venv {venv}`")
+    return site
 
 
 def _joined(reason: str | None, more: str) -> str:

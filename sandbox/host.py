@@ -150,16 +150,18 @@ class Host:
     def prepare(self, agent_id: int, scratch: Path, limits: dict, *, allow_fork: bool = False,
                 allow_connect: bool | None = None, allow_exec: bool = False, network: bool = False,
                 read_only: bool = False, read_extra: tuple[str, ...] = (),
-                list_extra: tuple[str, ...] = ()) -> policy_mod.Policy:
+                list_extra: tuple[str, ...] = (), packages: tuple[str, ...] = ()) -> policy_mod.Policy:
         """The agent's policy; creates its cgroups and allocates its uid (released by ``release``).
         ``allow_connect`` (new connections after boot; see sandbox.seccomp) defaults to ``allow_fork``.
         ``allow_exec``, ``network``, ``read_only`` (not even the scratch dir is writable), ``read_extra``
         (more paths to read and run) and ``list_extra`` (directories to list) are the kernel's own, for the MCP servers an operator configures; agents
-        never get them."""
+        never get them.  ``packages``: site-packages directories an operator chose for the agent (a venv): readable
+        and on its ``sys.path``, nothing else."""
         try:
             return self._prepare(agent_id, scratch, limits, allow_fork, allow_connect,
                                  dict(allow_exec=allow_exec, network=network, read_only=read_only,
-                                      read_extra=tuple(read_extra), list_extra=tuple(list_extra)))
+                                      read_extra=tuple(read_extra), list_extra=tuple(list_extra),
+                                      packages=tuple(packages)))
         except BaseException:
             mount = self.release(agent_id)
             if mount:
@@ -207,11 +209,12 @@ class Host:
         pol = policy_mod.build(str(scratch), limits, uid=agent.uid, gid=gid,
                                cgroup_procs=procs_files, allow_fork=allow_fork,
                                allow_connect=allow_connect,
-                               read=[*self.read, *extra["read_extra"]],
+                               read=[*self.read, *extra["read_extra"], *extra["packages"]],
                                listed=[*self.listed, *extra["list_extra"]],
                                unix_sockets=[str(self.runtime_dir / SOCKET_NAME)], off=off,
                                allow_exec=extra["allow_exec"], network=extra["network"],
                                read_only=extra["read_only"])
+        pol.sys_path = list(extra["packages"])
         self.check_paths(pol.landlock_read + pol.landlock_list, pol.landlock_write)
         return pol
 

@@ -49,6 +49,7 @@ _FIELDS = {  # name -> default (a type is called for a fresh empty value)
     "allow_exec": False,    # seccomp: may it run programs? (MCP servers only, kernel/tools.py)
     "network": False,       # no network namespace, any socket family (MCP servers an operator allows)
     "off": dict,            # layer -> why the kernel could not prepare it
+    "sys_path": list,       # directories appended to the agent's sys.path (an operator's venv: site-packages)
 }
 
 

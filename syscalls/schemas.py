@@ -62,6 +62,7 @@ class Spawn(Args):
     fleet: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     restart: Literal["no", "on-failure", "always"] = "no"  # the restart policy (docs/abi.md, "Restart chains")
     trace: bool = False  # record its syscalls (docs/abi.md, "Syscall traces")
+    venv: Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/")] | None = None  # operators only
 
 
 class Ready(Args):

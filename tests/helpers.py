@@ -26,3 +26,21 @@ def config_error(tmp_path, text: str, words: str):
     assert str(path) in str(err.value)
     return err.value
 
+
+
+def make_venv(root):
+    """A real virtual environment at ``root/venv`` (``python -m venv --without-pip``) with a tiny pure-Python
+    package ``tinypkg`` (``VALUE = 42``) in its site-packages and a ``secret.txt`` beside, outside
+    site-packages; every directory on the way readable by other uids.  Returns its path."""
+    import subprocess
+    import sys
+
+    path = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+    site = path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / "tinypkg").mkdir()
+    (site / "tinypkg" / "__init__.py").write_text("VALUE = 42\n")
+    (path / "secret.txt").write_text("venv-secret")
+    for d in (root, path, path / "lib", site.parent, site, site / "tinypkg"):
+        d.chmod(0o755)
+    return path

@@ -109,7 +109,8 @@ class RemoteCore:
                  tokens_per_s: int = 0, timeout_s: float = 120.0, connect_timeout_s: float = 5.0,
                  retries: int = 2, breaker_failures: int = 5, breaker_s: float = 30.0,
                  response_format: str = "json_schema", completions: bool = True, send_top_k: bool = True,
-                 policy: Scheduler | str | None = "fair", rr_slice: int = 32, clock=time.monotonic):
+                 policy: Scheduler | str | None = "fair", rr_slice: int = 32, clock=time.monotonic,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.name = name
         self.base_url = base_url.rstrip("/") + "/"
         self.model = model or name
@@ -124,6 +125,7 @@ class RemoteCore:
         self._headers: dict[str, str] = {}
         self._sink = sink
         self._clock = clock
+        self._transport = transport  # tests: an httpx transport instead of the network
         if isinstance(policy, str) or policy is None:
             policy = make_scheduler(policy or "fair", rr_slice=rr_slice)
         self._policy = policy
@@ -174,6 +176,7 @@ class RemoteCore:
             self._loop = loop
             self._client = httpx.AsyncClient(
                 base_url=self.base_url, headers=self._headers, follow_redirects=False, trust_env=False,
+                transport=self._transport,
                 timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
                 limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
             ready.set()

@@ -51,9 +51,10 @@ while True:
 
 
 def spawn(kernel, source: str, *, group: str = "default", limits: dict | None = None, name: str | None = None,
-          argv=(), prelude: bool = True) -> dict:
+          argv=(), prelude: bool = True, **more) -> dict:
+    """``more``: further proc.spawn arguments (``venv``, ``trace``...)."""
     args = {"source": (PRELUDE if prelude else "") + textwrap.dedent(source), "group": group,
-            "argv": [str(a) for a in argv]}
+            "argv": [str(a) for a in argv], **more}
     if limits:
         args["limits"] = limits
     if name:
