@@ -104,6 +104,7 @@ def test_models_list_needs_llm_and_shows_no_paths(tmp_path, model_path):
         assert rec["exit_status"] == 0, out
         assert agent_result(out) == {"models": "EPERM", "chat": 403}
         listed = k.client.call("llm.models")["models"]
-        assert listed == [{"name": "default", "default": True, "n_ctx_seq": 1024}]  # names, never a file path
+        # names, never a file path (nor a remote core's URL or key)
+        assert listed == [{"name": "default", "default": True, "n_ctx_seq": 1024, "kind": "local"}]
     finally:
         k.stop()
