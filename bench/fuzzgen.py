@@ -240,7 +240,10 @@ class Frames:
                     "name": lambda: e(self.text), "argv": lambda: e(lambda: [self.text() for _ in range(3)]),
                     "filename": lambda: e(lambda: r.choice(("a.py", "../x", "", "a/b"))),
                     "limits": lambda: e(lambda: {"memory_mb": r.choice(INTS), "syscall_rate": r.choice(INTS)}),
-                    "trace": lambda: e(lambda: r.random() < 0.5, 0.9)}
+                    "trace": lambda: e(lambda: r.random() < 0.5, 0.9),
+                    "venv": lambda: e(lambda: r.choice(("/", "/etc", "../venv", "/tmp/v" * 800))),
+                    "files": lambda: e(lambda: {r.choice(("a.py", "../x", "/etc/x", ".rc", "d/" * 20 + "x")):
+                                                self.text() for _ in range(r.randint(0, 300))})}
         if name in LLM_CALLS:
             return self.sampling(name)
         if name.startswith("storage."):
