@@ -332,6 +332,8 @@ class Kernel:
         for name in self.RELOADED:
             setattr(self.config, name, getattr(new, name))
         self.procs.max_procs = new.kernel.max_procs
+        # traces started from now on; those running keep the budget they reserved (Trace.budget)
+        self.traces.per_trace, self.traces.total = new.kernel.trace_kb << 10, new.kernel.trace_total_mb << 20
         self.pending.timeout_s = new.access.confirm_timeout_s
         self.router.forget_all()  # every caller is identified again, under the new groups
         log.info("reloaded %s: groups, [access] and [kernel] applied%s", self.config_file or "the defaults",

@@ -64,7 +64,8 @@ def test_sighup_reloads_groups_and_refuses_a_bad_file(tmp_path, model_path, monk
         text = k.config_path.read_text()
         k.config_path.write_text(text.replace('"proc", "llm"]', '"proc"]').replace("memory_mb = 300",
                                                                                     "memory_mb = 400")
-                                 .replace("n_batch = 256", "n_batch = 128"))
+                                 .replace("n_batch = 256", "n_batch = 128")
+                                 .replace("max_procs = 32", "max_procs = 32\ntrace_total_mb = 2"))
         reload()
         assert until("RELOADING")["RELOADING"] == "1"
         ready = until("READY")
@@ -73,6 +74,7 @@ def test_sighup_reloads_groups_and_refuses_a_bad_file(tmp_path, model_path, monk
         assert after["limits"]["memory_mb"] == 400 and k.record(before)["limits"]["memory_mb"] == 300
         k.wait(before, 30)
         assert "LLM refused" in k.output(before)  # the group lost "llm": running agents too
+        assert k.client.call("sys.status")["traces"]["total_bytes"] == 2 << 20  # [kernel] applied at once
         k.config_path.write_text(text + "\n[sandbox]\nuid_base = 0\n")
         reload()
         refused = until("READY")
