@@ -42,8 +42,8 @@ from typing import Callable
 import llama_cpp
 
 from kernel.llm.model import Model, chat_messages
-from kernel.llm.request import (DEFAULT_MODEL, DONE, RUNNING, EngineError, Request, SamplingParams, check_params,
-                                next_request_id, usage_so_far)
+from kernel.llm.request import (DEFAULT_MODEL, DONE, RUNNING, Cancellable, EngineError, Request, SamplingParams,
+                                check_params, next_request_id, usage_so_far)
 from kernel.llm.sampling import Sampler, free_samplers, make_samplers, schema_grammar
 from kernel.llm.scheduler import FifoScheduler, Scheduler, make_scheduler
 from kernel.llm.slots import Seq, Slots
@@ -78,7 +78,7 @@ class Prepared:
         self.sampler = self.grammar = None
 
 
-class Engine:
+class Engine(Cancellable):
     """The model and its sequences.  ``start`` loads; ``submit`` queues a generation whose events go to ``sink``.
 
     Every public method is thread-safe and never blocks on generation.  ``sink(events)`` is called from the
@@ -314,19 +314,6 @@ class Engine:
             free_samplers(sampler, grammar)
             raise
         return req
-
-    def cancel(self, request: Request) -> bool:
-        """Cancel ``request`` if it is still pending (waiting or running) and return True; its sink then gets
-        ``"error"`` ``ECANCELED`` (whatever else was under way) and the engine thread frees its sequence.
-        False when it had already ended or was cancelled before."""
-        with self._lock:
-            return self._cancel_locked(request)
-
-    def cancel_key(self, key) -> bool:
-        """Cancel the pending request submitted with ``key``; False when there is none (it ended, or never was)."""
-        with self._lock:
-            req = self._by_key.get(key)
-            return req is not None and self._cancel_locked(req)
 
     def cancel_owner(self, owner) -> int:
         """Cancel every pending request of ``owner`` and drop its cached sessions; return how many requests were

@@ -45,7 +45,7 @@ import httpx
 
 from kernel.llm.grammar import SchemaError, check_schema
 from kernel.llm.model import CHAT_ROLES
-from kernel.llm.request import EngineError, SamplingParams, check_params
+from kernel.llm.request import Cancellable, EngineError, SamplingParams, check_params
 from kernel.llm.scheduler import Scheduler, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class RemotePrepared:
         """Nothing to free (no C state); here for the kernel's symmetry with local engines."""
 
 
-class RemoteCore:
+class RemoteCore(Cancellable):
     """An OpenAI-compatible server as an LLM core (see the module docstring).  Thread-safe public methods;
     ``sink([(request, kind, payload)])`` is called from the core's own thread, one event a call."""
 
@@ -271,17 +271,6 @@ class RemoteCore:
             self._stats["requests"] += 1
         self._loop.call_soon_threadsafe(self._admit)
         return req
-
-    def cancel(self, request: RemoteRequest) -> bool:
-        """Cancel ``request`` if it is still pending; it then ends with ``ECANCELED`` (its HTTP stream closed).
-        False when it had already ended or was cancelled before."""
-        with self._lock:
-            return self._cancel_locked(request)
-
-    def cancel_key(self, key) -> bool:
-        with self._lock:
-            req = self._by_key.get(key)
-            return req is not None and self._cancel_locked(req)
 
     def cancel_owner(self, owner) -> int:
         with self._lock:

@@ -120,3 +120,21 @@ def usage_so_far(req: Request) -> dict:
         return {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
     return {"prompt_tokens": min(seq.n_past, len(req.tokens)), "completion_tokens": seq.n_generated,
             "cached_tokens": seq.n_cached}
+
+
+class Cancellable:
+    """``cancel`` and ``cancel_key`` for a core (the local engine, a remote core) that keeps ``_lock``, its
+    pending requests by submission key in ``_by_key`` and ``_cancel_locked(request) -> bool``."""
+
+    def cancel(self, request) -> bool:
+        """Cancel ``request`` if it is still pending (waiting or running) and return True; its sink then gets
+        ``"error"`` ``ECANCELED`` (whatever else was under way) and the core frees what it held for it (a
+        sequence, an HTTP stream).  False when it had already ended or was cancelled before."""
+        with self._lock:
+            return self._cancel_locked(request)
+
+    def cancel_key(self, key) -> bool:
+        """Cancel the pending request submitted with ``key``; False when there is none (it ended, or never was)."""
+        with self._lock:
+            req = self._by_key.get(key)
+            return req is not None and self._cancel_locked(req)
